@@ -1,0 +1,130 @@
+"""`load_pretrained`: one entry point for every checkpoint the project reads.
+
+Accepted sources:
+  "bundled:verifier", "bundled:draft"   the pair shipped in `specattn_jax/assets/`
+  an HF checkpoint directory             config.json + safetensors or pytorch_model.bin
+  an orbax checkpoint directory          config.json + params/ (written by `save_orbax`)
+  a llama2.c `.bin`                      with its `tok*.bin` tokenizer beside it
+  a directory holding one llama2.c `.bin`
+  a hub id ("org/name")                  downloaded through `huggingface_hub` when a network
+                                          exists; a clear error when it does not
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from specattn_jax.errors import CheckpointError
+
+ASSETS = Path(__file__).parent / "assets"
+BUNDLED = ("verifier", "draft")
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
+
+
+def resolve_source(source: str | Path) -> Path:
+    """The local path for a source string (downloading hub ids when possible)."""
+    text = str(source)
+    if text.startswith("bundled:"):
+        name = text.removeprefix("bundled:")
+        if name not in BUNDLED:
+            raise CheckpointError(f"unknown bundled model {text!r}; choose from {BUNDLED}")
+        path = ASSETS / name
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"the bundled model {text!r} is not installed at {path}")
+        return path
+    path = Path(text).expanduser()
+    if path.exists():
+        return path
+    if _looks_like_hub_id(text):
+        return _download(text)
+    raise CheckpointError(f"checkpoint not found: {text}")
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+
+
+def _download(hub_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(
+            f"{hub_id!r} is not a local path and huggingface_hub is not installed"
+        ) from None
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=_HUB_FILES))
+    except Exception as e:  # offline, gated, or missing: all one message for the user
+        raise CheckpointError(
+            f"{hub_id!r} is not a local path and could not be downloaded from the "
+            f"HuggingFace hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"without a network, pass a local checkpoint directory"
+        ) from None
+
+
+def _llama2c_files(path: Path) -> tuple[Path, Path]:
+    """(checkpoint, tokenizer) for a llama2.c `.bin` or a directory holding one."""
+    if path.is_dir():
+        models = [p for p in sorted(path.glob("*.bin")) if not p.name.startswith("tok")]
+        if len(models) != 1:
+            raise CheckpointError(
+                f"{path} holds no HF config.json and {len(models)} llama2.c checkpoints; "
+                f"expected exactly one"
+            )
+        path = models[0]
+    tokenizers = sorted(path.parent.glob("tok*.bin"))
+    if len(tokenizers) != 1:
+        raise CheckpointError(
+            f"a llama2.c checkpoint needs exactly one tok*.bin tokenizer beside it; "
+            f"found {len(tokenizers)} in {path.parent}"
+        )
+    return path, tokenizers[0]
+
+
+def load_tokenizer(directory: Path):
+    """The HF tokenizer saved in a checkpoint directory, or None if there is none."""
+    if not (directory / "tokenizer.json").is_file() and not (
+        directory / "tokenizer_config.json"
+    ).is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{directory}: cannot load its tokenizer ({e})") from None
+
+
+def load_pretrained(source: str | Path, dtype=jnp.float32, *, place=None):
+    """Loads a model and its tokenizer.
+
+    Args:
+      source: a bundled name, a local path or a hub id (see the module docstring).
+      dtype: parameter and activation dtype (`jnp.float32`, `jnp.bfloat16`, `jnp.float16`).
+      place: optional `place(path, array) -> jax.Array` that puts each parameter on its
+        devices as it is read (e.g. sharded placement); default: the default device.
+
+    Returns:
+      (model, tokenizer): a `Llama` and a `transformers` tokenizer (None if the checkpoint
+      has none).
+
+    Raises:
+      CheckpointError: the source is missing, corrupt, or not a Llama checkpoint.
+    """
+    from convert.hf import load_hf_model
+    from convert.llama2c import llama2c_tokenizer, load_llama2c_model
+    from convert.orbax_io import is_orbax_checkpoint, load_orbax
+
+    path = resolve_source(source)
+    if path.is_dir() and is_orbax_checkpoint(path):
+        return load_orbax(path, dtype), load_tokenizer(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return load_hf_model(path, dtype, place=place), load_tokenizer(path)
+    if path.is_dir() or path.suffix == ".bin":
+        checkpoint, tokenizer = _llama2c_files(path)
+        return load_llama2c_model(checkpoint, dtype), llama2c_tokenizer(tokenizer)
+    raise CheckpointError(
+        f"{path} is neither a checkpoint directory (config.json) nor a llama2.c .bin file"
+    )

@@ -1,0 +1,331 @@
+"""Llama in Flax NNX: RMSNorm, RoPE (HF's rotate-half convention, optional llama3 scaling),
+GQA/MQA/MHA attention over a preallocated KV cache, SwiGLU MLP.
+
+One forward serves prefill, decode (T = 1) and multi-token verify (T = gamma + 1):
+
+    logits, cache, attention = model(tokens, cache)
+
+Under `jax.jit`, pass `(graphdef, state)` rather than the module, so the weights are
+arguments and not constants baked into the program (the pattern of Flax's gemma sampler):
+
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, donate_argnames="cache")
+    def step(state, tokens, cache):
+        model = nnx.merge(graphdef, state)
+        return model(tokens, cache)
+
+`forward()` below is that function, ready to use.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from specattn_jax.attention import AttentionPlan, dense_attention, sparse_attention
+from specattn_jax.cache import KVCache
+from specattn_jax.config import LlamaConfig
+
+_INIT_STD = 0.02
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = _INIT_STD) -> nnx.Param:
+    return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype, rngs: nnx.Rngs):
+        del rngs
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., E] -> [..., E]
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * normed.astype(x.dtype)
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> jax.Array:
+    """f32[D // 2] RoPE inverse frequencies, with llama3 scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(
+    x: jax.Array,  # [B, T, N, D]
+    positions: jax.Array,  # i32[B, T]
+    inv_freq: jax.Array,  # f32[D // 2]
+) -> jax.Array:
+    """Rotary embedding, rotating the two halves of each head (HF's `rotate_half`)."""
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D // 2]
+    cos = jnp.cos(jnp.concatenate([freqs, freqs], axis=-1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([freqs, freqs], axis=-1))[:, :, None, :]
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention; weights in einsum layouts `[E, H, D]` and `[H, D, E]`."""
+
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+        embed, heads, kv_heads, dim = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        self.q_proj = _param(rngs, (embed, heads, dim), dtype)
+        self.k_proj = _param(rngs, (embed, kv_heads, dim), dtype)
+        self.v_proj = _param(rngs, (embed, kv_heads, dim), dtype)
+        self.o_proj = _param(rngs, (heads, dim, embed), dtype)
+        if config.attention_bias:
+            self.q_bias = nnx.Param(jnp.zeros((heads, dim), dtype))
+            self.k_bias = nnx.Param(jnp.zeros((kv_heads, dim), dtype))
+            self.v_bias = nnx.Param(jnp.zeros((kv_heads, dim), dtype))
+            self.o_bias = nnx.Param(jnp.zeros((embed,), dtype))
+        self.use_bias = config.attention_bias
+
+    def __call__(
+        self,
+        x: jax.Array,  # [B, T, E]
+        positions: jax.Array,  # i32[B, T]
+        inv_freq: jax.Array,  # f32[D // 2]
+        k_cache: jax.Array,  # [B, S, H_kv, D]
+        v_cache: jax.Array,  # [B, S, H_kv, D]
+        context_lengths: jax.Array,  # i32[B]
+        plan: tuple[jax.Array, jax.Array, int] | None,
+        return_summary: bool,
+    ):
+        with jax.named_scope("qkv"):
+            q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...])
+            k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...])
+            v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...])
+            if self.use_bias:
+                q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        with jax.named_scope("rope"):
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+        with jax.named_scope("cache_update"):
+            rows = jnp.arange(x.shape[0])[:, None]
+            k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
+            v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+        with jax.named_scope("attention"):
+            if plan is None:
+                out, summary = dense_attention(
+                    q, k_cache, v_cache, positions, return_summary=return_summary
+                )
+            else:
+                block_indices, block_counts, granularity, backend = plan
+                out = sparse_attention(
+                    q,
+                    k_cache,
+                    v_cache,
+                    block_indices,
+                    block_counts,
+                    context_lengths,
+                    granularity=granularity,
+                    backend=backend,
+                )
+                summary = None
+        out = jnp.einsum("bthd,hde->bte", out.astype(x.dtype), self.o_proj[...])
+        if self.use_bias:
+            out = out + self.o_bias[...]
+        return out, k_cache, v_cache, summary
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+        embed, ffn = config.hidden_size, config.intermediate_size
+        self.gate_proj = _param(rngs, (embed, ffn), dtype)
+        self.up_proj = _param(rngs, (embed, ffn), dtype)
+        self.down_proj = _param(rngs, (ffn, embed), dtype)
+        if config.mlp_bias:
+            self.gate_bias = nnx.Param(jnp.zeros((ffn,), dtype))
+            self.up_bias = nnx.Param(jnp.zeros((ffn,), dtype))
+            self.down_bias = nnx.Param(jnp.zeros((embed,), dtype))
+        self.use_bias = config.mlp_bias
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, E] -> [B, T, E]
+        gate = x @ self.gate_proj[...]
+        up = x @ self.up_proj[...]
+        if self.use_bias:
+            gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
+        out = (jax.nn.silu(gate) * up) @ self.down_proj[...]
+        return out + self.down_bias[...] if self.use_bias else out
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype=dtype, rngs=rngs)
+        self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, positions, inv_freq, k_cache, v_cache, context_lengths, plan, summary):
+        attn_out, k_cache, v_cache, attn_summary = self.self_attn(
+            self.input_layernorm(x),
+            positions,
+            inv_freq,
+            k_cache,
+            v_cache,
+            context_lengths,
+            plan,
+            summary,
+        )
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k_cache, v_cache, attn_summary
+
+
+class Llama(nnx.Module):
+    """A Llama causal language model (`LlamaForCausalLM`'s architecture)."""
+
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = _param(rngs, (config.vocab_size, config.hidden_size), dtype)
+        self.layers = nnx.List(
+            [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), dtype)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.embed_tokens[...].dtype
+
+    def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache in the model's dtype."""
+        return KVCache.init(self.config, batch_size, max_len, self.dtype)
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # i32[B, T]
+        cache: KVCache,
+        *,
+        num_tokens: jax.Array | None = None,  # i32[B]
+        plan: AttentionPlan | None = None,
+        return_attention: bool = False,
+        last_logits_only: bool = False,
+        backend: str = "auto",
+    ) -> tuple[jax.Array, KVCache, jax.Array | None]:
+        """Runs T new tokens per sequence through the model, appending them to the cache.
+
+        Args:
+          tokens: i32[B, T] new tokens; row b's first `num_tokens[b]` are real, the rest
+            padding (their cache entries land past the new length and are never read).
+          cache: the KV cache; token t of row b goes to position `cache.lengths[b] + t`.
+          num_tokens: i32[B] real tokens per row (default: all T).
+          plan: per-layer sparse selection for verify; None attends densely everywhere.
+          return_attention: also return the head-mean attention probabilities.
+          last_logits_only: return logits only at each row's last real token.
+          backend: "auto", "pallas" or "reference" for the sparse attention.
+
+        Returns:
+          logits: f32[B, T, V] (or f32[B, 1, V] with `last_logits_only`).
+          cache: the cache with the new entries and `lengths + num_tokens`.
+          attention: f32[L, B, T, S] head-mean probabilities over cache positions, or None.
+            Sparse layers of a plan report zeros.
+        """
+        batch, seq = tokens.shape
+        if num_tokens is None:
+            num_tokens = jnp.full((batch,), seq, jnp.int32)
+        context_lengths = cache.lengths
+        positions = context_lengths[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
+        inv_freq = rope_inverse_frequencies(self.config)
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0)
+        new_k, new_v, summaries = [], [], []
+        for layer_index, layer in enumerate(self.layers):
+            layer_plan = None
+            if plan is not None and plan.sparse_layers[layer_index]:
+                layer_plan = (
+                    plan.block_indices[layer_index],
+                    plan.block_counts[layer_index],
+                    plan.granularity,
+                    backend,
+                )
+            x, k_layer, v_layer, summary = layer(
+                x,
+                positions,
+                inv_freq,
+                cache.k[layer_index],
+                cache.v[layer_index],
+                context_lengths,
+                layer_plan,
+                return_attention,
+            )
+            new_k.append(k_layer)
+            new_v.append(v_layer)
+            if return_attention:
+                if summary is None:
+                    summary = jnp.zeros((batch, seq, cache.max_len), jnp.float32)
+                summaries.append(summary)
+        if last_logits_only:
+            x = jnp.take_along_axis(x, (num_tokens - 1)[:, None, None], axis=1)
+        x = self.norm(x)
+        head = self.embed_tokens[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        logits = jnp.einsum("bte,ev->btv", x, head, preferred_element_type=jnp.float32)
+        cache = KVCache(
+            k=jnp.stack(new_k),
+            v=jnp.stack(new_v),
+            lengths=context_lengths + num_tokens.astype(jnp.int32),
+        )
+        attention = jnp.stack(summaries) if return_attention else None
+        return logits, cache, attention
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "return_attention", "last_logits_only", "backend"),
+    donate_argnames=("cache",),
+)
+def forward(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokens: jax.Array,  # i32[B, T]
+    cache: KVCache,
+    num_tokens: jax.Array | None = None,  # i32[B]
+    plan: AttentionPlan | None = None,
+    *,
+    return_attention: bool = False,
+    last_logits_only: bool = False,
+    backend: str = "auto",
+):
+    """Jitted `Llama.__call__` on a split model; the cache is donated (updated in place)."""
+    model = nnx.merge(graphdef, state)
+    return model(
+        tokens,
+        cache,
+        num_tokens=num_tokens,
+        plan=plan,
+        return_attention=return_attention,
+        last_logits_only=last_logits_only,
+        backend=backend,
+    )
+
+
+def count_params(model: Llama) -> int:
+    """Number of parameters (the tied LM head counted once)."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
