@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from specattn_jax.errors import CheckpointError
+from specattn_jax.errors import CheckpointError, SpecAttnError
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -57,12 +57,12 @@ class LlamaConfig:
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
+            raise SpecAttnError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
         if self.torch_dtype not in _DTYPE_NAMES:
-            raise ValueError(f"torch_dtype={self.torch_dtype!r} is not one of {_DTYPE_NAMES}")
+            raise SpecAttnError(f"torch_dtype={self.torch_dtype!r} is not one of {_DTYPE_NAMES}")
 
     @property
     def q_heads_per_kv_head(self) -> int:

@@ -13,6 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from specattn_jax.errors import SpecAttnError
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,11 +42,11 @@ class Sampling:
 
     def __post_init__(self):
         if isinstance(self.temperature, int | float) and self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature} must be > 0 (use Greedy for 0)")
+            raise SpecAttnError(f"temperature={self.temperature} must be > 0 (use Greedy for 0)")
         if isinstance(self.top_p, int | float) and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+            raise SpecAttnError(f"top_p={self.top_p} must be in (0, 1]")
         if isinstance(self.top_k, int) and self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0")
+            raise SpecAttnError(f"top_k={self.top_k} must be >= 0")
 
     def filtered_logits(self, logits: jax.Array) -> jax.Array:
         """f32[..., V] logits / temperature with the filtered-out tokens at -inf."""
@@ -79,9 +81,9 @@ Sampler = Greedy | Sampling
 def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> Sampler:
     """`Greedy` at temperature 0, else `Sampling` (validating the values)."""
     if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0")
+        raise SpecAttnError(f"temperature={temperature} must be >= 0")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        raise SpecAttnError(f"top_p={top_p} must be in (0, 1]")
     if temperature == 0:
         return Greedy()
     return Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
