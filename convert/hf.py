@@ -42,11 +42,23 @@ _KEY_TABLE: list[tuple[re.Pattern, tuple[str, ...], str]] = [
         ("{norm}", "weight"),
         "copy",
     ),
-    (re.compile(_LAYER + r"self_attn\.(?P<p>[qkv])_proj\.weight"), ("self_attn", "{p}_proj"), "in_heads"),
+    (
+        re.compile(_LAYER + r"self_attn\.(?P<p>[qkv])_proj\.weight"),
+        ("self_attn", "{p}_proj"),
+        "in_heads",
+    ),
     (re.compile(_LAYER + r"self_attn\.o_proj\.weight"), ("self_attn", "o_proj"), "out_heads"),
-    (re.compile(_LAYER + r"self_attn\.(?P<p>[qkv])_proj\.bias"), ("self_attn", "{p}_bias"), "bias_heads"),
+    (
+        re.compile(_LAYER + r"self_attn\.(?P<p>[qkv])_proj\.bias"),
+        ("self_attn", "{p}_bias"),
+        "bias_heads",
+    ),
     (re.compile(_LAYER + r"self_attn\.o_proj\.bias"), ("self_attn", "o_bias"), "copy"),
-    (re.compile(_LAYER + r"mlp\.(?P<p>gate|up|down)_proj\.weight"), ("mlp", "{p}_proj"), "transpose"),
+    (
+        re.compile(_LAYER + r"mlp\.(?P<p>gate|up|down)_proj\.weight"),
+        ("mlp", "{p}_proj"),
+        "transpose",
+    ),
     (re.compile(_LAYER + r"mlp\.(?P<p>gate|up|down)_proj\.bias"), ("mlp", "{p}_bias"), "copy"),
 ]
 # Buffers some older checkpoints carry; they hold nothing the model needs.

@@ -70,7 +70,9 @@ def _step(graphdef, params, sampler, eos_id, state: AutoregressiveState) -> Auto
     jax.jit, static_argnames=("graphdef", "max_new", "eos_id"), donate_argnames=("cache",)
 )
 def _generate(graphdef, params, tokens, lengths, cache, sampler, key, budgets, max_new, eos_id):
-    state = _prefill(graphdef, params, tokens, lengths, cache, sampler, key, budgets, max_new, eos_id)
+    state = _prefill(
+        graphdef, params, tokens, lengths, cache, sampler, key, budgets, max_new, eos_id
+    )
     step = functools.partial(_step, graphdef, params, sampler, eos_id)
     return run_to_completion(step, state, max_steps=max_new)
 
@@ -103,7 +105,7 @@ def generate_autoregressive(
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    sampler: Sampler = Greedy(),
+    sampler: Sampler | None = None,
     key: jax.Array | None = None,
     eos_id: int | None | str = "config",
     cache_size: int | None = None,
@@ -114,7 +116,7 @@ def generate_autoregressive(
       model: the model.
       prompts: B token-id lists (ragged lengths allowed).
       max_new_tokens: budget per sequence.
-      sampler: `Greedy()` or `Sampling(...)`.
+      sampler: `Greedy()` (the default) or `Sampling(...)`.
       key: PRNG key (sampling only); default `jax.random.key(0)`.
       eos_id: stop token; "config" takes the model config's, None never stops early.
       cache_size: KV positions per sequence (default: padded prompt + max_new_tokens).
@@ -125,6 +127,7 @@ def generate_autoregressive(
     graphdef, args, budgets, key, eos_id = _setup(
         model, prompts, max_new_tokens, cache_size, key, eos_id
     )
+    sampler = sampler or Greedy()
     state = _generate(graphdef, *args, sampler, key, budgets, max_new_tokens, eos_id)
     return GenerationResult.from_progress(state.progress, _stats(state))
 
@@ -134,7 +137,7 @@ def stream_autoregressive(
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    sampler: Sampler = Greedy(),
+    sampler: Sampler | None = None,
     key: jax.Array | None = None,
     eos_id: int | None | str = "config",
     cache_size: int | None = None,
@@ -144,10 +147,11 @@ def stream_autoregressive(
     graphdef, args, budgets, key, eos_id = _setup(
         model, prompts, max_new_tokens, cache_size, key, eos_id
     )
+    sampler = sampler or Greedy()
     state = _jit_prefill(graphdef, *args, sampler, key, budgets, max_new_tokens, eos_id)
     step = functools.partial(_jit_step, graphdef, args[0], sampler, eos_id)
-    for new_tokens, state in stream(step, state, max_steps=max_new_tokens):
-        yield new_tokens, _stats(state)
+    for new_tokens, stepped in stream(step, state, max_steps=max_new_tokens):
+        yield new_tokens, _stats(stepped)
 
 
 def _stats(state: AutoregressiveState) -> dict:

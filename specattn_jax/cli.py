@@ -47,7 +47,9 @@ def _prompt_ids(args, tokenizer) -> list[int]:
         try:
             return [int(t) for t in args.prompt_ids.split(",")]
         except ValueError:
-            raise SpecAttnError(f"--prompt-ids {args.prompt_ids!r} is not a comma-separated list of ints") from None
+            raise SpecAttnError(
+                f"--prompt-ids {args.prompt_ids!r} is not a comma-separated list of ints"
+            ) from None
     return _encode(tokenizer, args.prompt)
 
 
@@ -60,10 +62,10 @@ def _emit(args, payload: dict, text_lines: list[str]) -> None:
 
 
 def cmd_generate(args) -> None:
+    import jax
+
     from specattn_jax.autoregressive import stream_autoregressive
     from specattn_jax.sampling import make_sampler
-
-    import jax
 
     model, tokenizer = _load(args.verifier, args.dtype)
     prompt = _prompt_ids(args, tokenizer)
@@ -80,8 +82,9 @@ def cmd_generate(args) -> None:
     printed = ""
     start = time.perf_counter()
     stats = {}
-    for new_tokens, stats in stream:
+    for new_tokens, step_stats in stream:
         tokens += new_tokens[0]
+        stats = step_stats
         if not args.json and tokenizer is not None:
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             sys.stdout.write(text[len(printed) :])
@@ -125,7 +128,9 @@ def _default_demo_model() -> tuple[str, str]:
         return "bundled:verifier", "the bundled verifier"
     stories = Path.cwd().parent / "shared" / "models" / "stories260K" / "stories260K.bin"
     if stories.is_file():
-        return str(stories), f"stories260K from {stories.parent} (the bundled pair is not installed)"
+        return str(
+            stories
+        ), f"stories260K from {stories.parent} (the bundled pair is not installed)"
     raise SpecAttnError(
         "no bundled model is installed and ../shared/models/stories260K is not beside the "
         "current directory; pass --verifier PATH"

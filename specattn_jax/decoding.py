@@ -80,7 +80,9 @@ class DecodeProgress:
         ), take
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], bucket: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], bucket: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
     """Right-pads token lists to one length, rounded up to a power of two (at least `bucket`)
     so that prompts of nearby lengths share one compiled prefill.
 

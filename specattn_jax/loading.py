@@ -85,9 +85,10 @@ def _llama2c_files(path: Path) -> tuple[Path, Path]:
 
 def load_tokenizer(directory: Path):
     """The HF tokenizer saved in a checkpoint directory, or None if there is none."""
-    if not (directory / "tokenizer.json").is_file() and not (
-        directory / "tokenizer_config.json"
-    ).is_file():
+    if (
+        not (directory / "tokenizer.json").is_file()
+        and not (directory / "tokenizer_config.json").is_file()
+    ):
         return None
     from transformers import AutoTokenizer
 

@@ -70,9 +70,7 @@ class Sampling:
         return jax.nn.softmax(self.filtered_logits(logits), axis=-1)
 
     def get_next_tokens(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
-        return jax.random.categorical(rng, self.filtered_logits(logits), axis=-1).astype(
-            jnp.int32
-        )
+        return jax.random.categorical(rng, self.filtered_logits(logits), axis=-1).astype(jnp.int32)
 
 
 Sampler = Greedy | Sampling

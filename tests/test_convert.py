@@ -13,7 +13,12 @@ from convert.orbax_io import load_orbax, save_orbax
 from specattn_jax.autoregressive import generate_autoregressive
 from specattn_jax.errors import CheckpointError
 from specattn_jax.loading import load_pretrained
-from specattn_jax.testing import max_relative_error, tiny_hf_config, tiny_llama, write_tiny_hf_checkpoint
+from specattn_jax.testing import (
+    max_relative_error,
+    tiny_hf_config,
+    tiny_llama,
+    write_tiny_hf_checkpoint,
+)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -68,7 +73,9 @@ def test_sharded_safetensors_reload_exactly(tmp_path):
 
 def test_pytorch_bin_checkpoint_loads(tmp_path):
     hf_model = write_tiny_hf_checkpoint(tmp_path, tiny_hf_config(), safe_serialization=False)
-    if not (tmp_path / "pytorch_model.bin").is_file():  # newer transformers always write safetensors
+    if not (
+        tmp_path / "pytorch_model.bin"
+    ).is_file():  # newer transformers always write safetensors
         torch.save(hf_model.state_dict(), tmp_path / "pytorch_model.bin")
         for f in tmp_path.glob("*.safetensors"):
             f.unlink()
@@ -169,7 +176,10 @@ def test_wrong_tensor_shape_is_named(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["intermediate_size"] = 48
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"mlp.down_proj.weight' has shape \(32, 64\), the config needs \(32, 48\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"mlp.down_proj.weight' has shape \(32, 64\), the config needs \(32, 48\)",
+    ):
         load_hf_model(tmp_path)
 
 

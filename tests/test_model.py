@@ -27,7 +27,9 @@ LAYOUTS = [
     pytest.param(dict(num_kv_heads=1), id="mqa"),
     pytest.param(dict(num_kv_heads=2, tie_word_embeddings=True), id="gqa-tied"),
     pytest.param(dict(num_kv_heads=2, llama3_rope=True), id="gqa-llama3-rope"),
-    pytest.param(dict(num_kv_heads=1, tie_word_embeddings=True, llama3_rope=True), id="mqa-tied-llama3"),
+    pytest.param(
+        dict(num_kv_heads=1, tie_word_embeddings=True, llama3_rope=True), id="mqa-tied-llama3"
+    ),
     pytest.param(dict(num_kv_heads=2, attention_bias=True), id="gqa-attention-bias"),
 ]
 
@@ -79,10 +81,14 @@ def test_rope_matches_transformers(llama3_rope):
     config = LlamaConfig.from_hf(tiny_hf_config(llama3_rope=llama3_rope))
     positions = np.arange(0, 200, 7, dtype=np.int32)[None]
     x = np.random.default_rng(3).normal(size=(1, 4, positions.shape[1], 8)).astype(np.float32)
-    cos, sin = LlamaRotaryEmbedding(hf_config)(torch.from_numpy(x), torch.from_numpy(positions).long())
+    cos, sin = LlamaRotaryEmbedding(hf_config)(
+        torch.from_numpy(x), torch.from_numpy(positions).long()
+    )
     expected, _ = apply_rotary_pos_emb(torch.from_numpy(x), torch.from_numpy(x), cos, sin)
     ours = apply_rope(
-        jnp.asarray(x).transpose(0, 2, 1, 3), jnp.asarray(positions), rope_inverse_frequencies(config)
+        jnp.asarray(x).transpose(0, 2, 1, 3),
+        jnp.asarray(positions),
+        rope_inverse_frequencies(config),
     )
     np.testing.assert_allclose(
         np.asarray(ours).transpose(0, 2, 1, 3), expected.numpy(), rtol=1e-5, atol=1e-5
@@ -188,4 +194,3 @@ def test_model_key_set_equals_transformers(tmp_path):
     model = load_hf_model(tmp_path)
     ours = {path_to_hf_key(path)[0] for path in params_of(model)}
     assert ours == set(hf_model.state_dict())
-

@@ -11,4 +11,7 @@ from specattn_jax.testing.tiny_models import (
 __all__ = [
     "LLAMA3_ROPE_SCALING",
     "max_relative_error",
-    "tiny_hf_config", "tiny_llama", "write_tiny_hf_checkpoint"]
+    "tiny_hf_config",
+    "tiny_llama",
+    "write_tiny_hf_checkpoint",
+]
