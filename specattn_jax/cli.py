@@ -61,20 +61,33 @@ def _emit(args, payload: dict, text_lines: list[str]) -> None:
             print(line)
 
 
+def _load_pair(args):
+    """(draft or None, verifier, tokenizer), checked to share one vocabulary."""
+    from specattn_jax.speculative import check_compatible
+
+    verifier, tokenizer = _load(args.verifier, args.dtype)
+    if not args.draft:
+        return None, verifier, tokenizer
+    draft, draft_tokenizer = _load(args.draft, args.dtype)
+    check_compatible(draft, verifier, draft_tokenizer, tokenizer)
+    return draft, verifier, tokenizer
+
+
 def cmd_generate(args) -> None:
     import jax
 
-    from specattn_jax.autoregressive import stream_autoregressive
     from specattn_jax.sampling import make_sampler
+    from specattn_jax.speculative import SpecConfig, generate_stream
 
-    model, tokenizer = _load(args.verifier, args.dtype)
+    draft, verifier, tokenizer = _load_pair(args)
     prompt = _prompt_ids(args, tokenizer)
-    sampler = make_sampler(args.temperature, args.top_k, args.top_p)
-    stream = stream_autoregressive(
-        model,
+    stream = generate_stream(
+        draft,
+        verifier,
         [prompt],
+        SpecConfig(gamma=args.gamma),
         max_new_tokens=args.max_new_tokens,
-        sampler=sampler,
+        sampler=make_sampler(args.temperature, args.top_k, args.top_p),
         key=jax.random.key(args.seed),
         cache_size=args.cache_size,
     )
@@ -92,12 +105,25 @@ def cmd_generate(args) -> None:
             printed = text
     seconds = time.perf_counter() - start
     text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else None
-    stats = {**stats, "seconds": round(seconds, 3), "decoder": "autoregressive"}
+    stats = {
+        **stats,
+        "seconds": round(seconds, 3),
+        "decoder": "speculative" if draft is not None else "autoregressive",
+    }
     if args.json:
         print(json.dumps({"tokens": tokens, "text": text, "stats": stats}))
     else:
         print()
-        print(f"[{len(tokens)} tokens, {stats['steps']} steps, {seconds:.2f} s]", file=sys.stderr)
+        print(_stats_line(stats), file=sys.stderr)
+
+
+def _stats_line(stats: dict) -> str:
+    parts = [f"{stats['decoder']}: {stats['tokens']} tokens, {stats['steps']} steps"]
+    if "acceptance_rate" in stats:
+        parts.append(f"acceptance {stats['acceptance_rate']:.1%}")
+        parts.append(f"{stats['tokens_per_step']:.2f} tokens/step")
+    parts.append(f"{stats['seconds']:.2f} s")
+    return "[" + ", ".join(parts) + "]"
 
 
 def cmd_convert(args) -> None:
@@ -182,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="decode text from a prompt")
     generate.add_argument("--verifier", default="bundled:verifier")
+    generate.add_argument("--draft", help="draft checkpoint (omit for autoregressive decoding)")
+    generate.add_argument("--gamma", type=int, default=4, help="tokens drafted per step")
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated")

@@ -1,0 +1,185 @@
+"""Speculative decoding: exactness of greedy, distribution of sampling, no retracing, errors."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from convert._params import model_from_params, params_of
+from specattn_jax import speculative
+from specattn_jax.autoregressive import generate_autoregressive
+from specattn_jax.errors import IncompatibleModelsError, SpecAttnError
+from specattn_jax.loading import load_pretrained
+from specattn_jax.sampling import Sampling
+from specattn_jax.speculative import SpecConfig, generate, generate_stream
+from specattn_jax.testing import tiny_llama
+
+
+def _perturbed(model, scale: float, seed: int):
+    """A copy of `model` with relative Gaussian noise on every weight: a draft that agrees
+    with the model often but not always."""
+    keys = iter(jax.random.split(jax.random.key(seed), 1000))
+    noisy = {
+        path: value * (1 + scale * jax.random.normal(next(keys), value.shape))
+        for path, value in params_of(model).items()
+    }
+    return model_from_params(model.config, noisy, jnp.float32, source="perturbed")
+
+
+@pytest.fixture(scope="module")
+def stories_pair(stories260k_dir):
+    verifier, tokenizer = load_pretrained(stories260k_dir / "stories260K.bin")
+    return _perturbed(verifier, 0.3, seed=1), verifier, tokenizer
+
+
+PROMPTS = {
+    "batch1": ["Once upon a time"],
+    "batch3-ragged": ["Once upon a time", "Tom", "The little dog ran to the park and"],
+}
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 8])
+@pytest.mark.parametrize("prompts", list(PROMPTS), ids=list(PROMPTS))
+@pytest.mark.parametrize("eos_id", [None, 426], ids=["no-eos", "eos-in-budget"])
+def test_greedy_speculative_equals_verifier_greedy(stories_pair, gamma, prompts, eos_id):
+    draft, verifier, tokenizer = stories_pair
+    prompt_ids = [tokenizer(text)["input_ids"] for text in PROMPTS[prompts]]
+    expected = generate_autoregressive(verifier, prompt_ids, max_new_tokens=30, eos_id=eos_id)
+    result = generate(
+        draft, verifier, prompt_ids, SpecConfig(gamma=gamma), max_new_tokens=30, eos_id=eos_id
+    )
+    assert result.tokens == expected.tokens
+    if eos_id is not None:
+        assert all(tokens[-1] == eos_id and len(tokens) < 30 for tokens in result.tokens)
+    stats = result.stats
+    assert 0 < stats["accepted"] < stats["drafted"]  # the draft really was wrong sometimes
+    assert 1 <= stats["tokens_per_step"] <= gamma + 1
+
+
+def test_stream_yields_the_same_tokens(stories_pair):
+    draft, verifier, tokenizer = stories_pair
+    prompt = [tokenizer("Once upon a time")["input_ids"]]
+    expected = generate(draft, verifier, prompt, SpecConfig(gamma=3), max_new_tokens=25)
+    streamed, chunks = [], 0
+    for new_tokens, stats in generate_stream(
+        draft, verifier, prompt, SpecConfig(gamma=3), max_new_tokens=25
+    ):
+        streamed += new_tokens[0]
+        chunks += 1
+    assert streamed == expected.tokens[0]
+    assert stats == expected.stats
+    assert chunks > 1
+
+
+def test_spec_step_traces_once(stories_pair):
+    draft, verifier, tokenizer = stories_pair
+    jax.clear_caches()
+    for text in ["Once upon a time", "Lily"]:  # same bucketed shapes, different prompts
+        prompt = [tokenizer(text)["input_ids"]]
+        for _ in generate_stream(draft, verifier, prompt, SpecConfig(gamma=3), max_new_tokens=20):
+            pass
+    assert speculative._jit_step._cache_size() == 1
+
+
+# Stochastic speculative sampling preserves the verifier's distribution.
+
+VOCAB = 5
+GENERATED = 4  # x1 from the prefill, x2..x4 from one speculative step with gamma = 3
+
+
+def _peaky_model(seed: int):
+    """A tiny random model whose next-token distributions are far from uniform."""
+    model = tiny_llama(seed=seed, vocab_size=VOCAB, num_layers=1)
+    params = params_of(model)
+    params[("lm_head",)] = params[("lm_head",)] * 25.0
+    return model_from_params(model.config, params, jnp.float32, source="peaky")
+
+
+def _exact_joint(verifier, sampling, prompt, length):
+    """Probabilities of every continuation of `length` tokens under `sampling`."""
+    sequences = np.array(list(itertools.product(range(VOCAB), repeat=length)), np.int32)
+    tokens = np.concatenate([np.tile(prompt, (len(sequences), 1)), sequences], axis=1)
+    cache = verifier.init_cache(len(tokens), tokens.shape[1])
+    logits, _, _ = verifier(jnp.asarray(tokens), cache)
+    probs = np.asarray(sampling.probabilities(logits[:, len(prompt) - 1 : -1]))
+    step_probs = np.take_along_axis(probs, sequences[..., None], axis=-1)[..., 0]
+    return sequences, step_probs.prod(axis=1)
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [Sampling(temperature=1.0), Sampling(temperature=0.7, top_k=4, top_p=0.9)],
+    ids=["t1", "t0.7-topk4-topp0.9"],
+)
+def test_speculative_sampling_preserves_verifier_distribution(sampling):
+    verifier, draft = _peaky_model(seed=11), _peaky_model(seed=12)
+    prompt = [1, 3, 0]
+    samples = 20_000
+    result = generate(
+        draft,
+        verifier,
+        [prompt] * samples,
+        SpecConfig(gamma=3),
+        max_new_tokens=GENERATED,
+        key=jax.random.key(2024),
+        sampler=sampling,
+        eos_id=None,
+    )
+    assert 0.1 < result.stats["acceptance_rate"] < 0.9  # rejections and acceptances both occur
+    drawn = np.array(result.tokens)[:, 1:]  # x2..x4: produced by the speculative step
+    sequences, joint = _exact_joint(verifier, sampling, prompt, GENERATED)
+    cells = {tuple(seq): 0.0 for seq in sequences[:, 1:]}
+    for seq, prob in zip(sequences[:, 1:], joint, strict=True):
+        cells[tuple(seq)] += prob
+    observed = {cell: 0 for cell in cells}
+    for row in drawn:
+        observed[tuple(row)] += 1
+    expected_counts = np.array([cells[c] * samples for c in cells])
+    observed_counts = np.array([observed[c] for c in cells], np.float64)
+    impossible = expected_counts == 0  # filtered out by top-k / top-p: must never be drawn
+    assert observed_counts[impossible].sum() == 0
+    expected_counts, observed_counts = expected_counts[~impossible], observed_counts[~impossible]
+    # Pool the cells expected fewer than 5 times into one, as the chi-square test requires.
+    small = expected_counts < 5
+    if small.any():
+        expected_counts = np.append(expected_counts[~small], expected_counts[small].sum())
+        observed_counts = np.append(observed_counts[~small], observed_counts[small].sum())
+    statistic = np.sum((observed_counts - expected_counts) ** 2 / expected_counts)
+    dof = len(expected_counts) - 1
+    assert dof >= 5, "too few cells for a meaningful test"
+    p_value = float(jax.scipy.stats.chi2.sf(statistic, dof))
+    assert p_value > 1e-3, f"chi2={statistic:.1f} with {dof} dof, p={p_value:.2g}"
+
+
+# Bad input.
+
+
+def test_vocabulary_mismatch_is_an_error():
+    with pytest.raises(IncompatibleModelsError, match="vocabulary has 64 tokens"):
+        generate(tiny_llama(vocab_size=64), tiny_llama(), [[1, 2]], max_new_tokens=4)
+
+
+def test_tokenizer_mismatch_is_an_error():
+    class FakeTokenizer:
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return self.vocab
+
+    with pytest.raises(IncompatibleModelsError, match="tokenizers map tokens to different ids"):
+        speculative.check_compatible(
+            tiny_llama(), tiny_llama(), FakeTokenizer({"a": 0}), FakeTokenizer({"a": 1})
+        )
+
+
+def test_gamma_below_one_is_an_error():
+    with pytest.raises(SpecAttnError, match="gamma=0 must be an integer >= 1"):
+        SpecConfig(gamma=0)
+
+
+def test_budget_overflowing_the_cache_is_an_error():
+    with pytest.raises(SpecAttnError, match="overflows the cache of 32"):
+        generate(tiny_llama(), tiny_llama(), [[1, 2, 3]], max_new_tokens=30, cache_size=32)
