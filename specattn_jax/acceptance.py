@@ -1,7 +1,7 @@
 """Acceptance rules of speculative decoding: small frozen dataclasses with one job each.
 
-A rule samples tokens (the draft's proposals) and decides, from the draft and verifier logits, how many
-drafted tokens to keep and which token follows them.
+A rule samples tokens (the draft's proposals) and decides, from the draft and verifier
+logits, how many drafted tokens to keep and which token follows them.
 
 - `GreedyAcceptance`: the draft proposes its argmax; a drafted token is kept while it equals
   the verifier's argmax; the verifier's argmax follows. The output is exactly the verifier's
