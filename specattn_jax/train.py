@@ -678,12 +678,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override train.steps")
     parser.add_argument("--seed", type=int, default=None, help="override train.seed")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds of steps")
+    parser.add_argument("--attention", choices=_ATTENTION_CHOICES, default=None)
     args = parser.parse_args(argv)
     train_config, model_config = load_run_config(args.config)
     overrides = {
         "steps": args.steps,
         "seed": args.seed,
         "time_budget_s": args.time_budget,
+        "attention": args.attention,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
     train_config = dataclasses.replace(train_config, **overrides)
