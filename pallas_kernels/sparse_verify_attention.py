@@ -1,0 +1,471 @@
+"""Block-sparse verify attention: T new queries read the selected KV blocks plus the new tokens.
+
+Shapes: `B` batch, `T` new query tokens (gamma + 1), `S` cache positions, `H` query heads,
+`H_kv` KV heads, `G = H // H_kv`, `D` head dim, `N` selected-block slots (a static maximum),
+`g` granularity (tokens per block), `M = T * G` query rows per KV head.
+
+Query t of row b attends every position `s < context_lengths[b]` of the selected blocks
+`block_indices[b, :block_counts[b]]` (block i covers positions `[i*g, (i+1)*g)`), plus the new
+positions `context_lengths[b] + u` for `u <= t`, which are always attended and never counted
+twice. The block ids of a row must be distinct (any order; `top_p_select` lists them
+ascending); ids outside the context select nothing.
+
+The kernel is built for bandwidth: one program reads the K/V rows of one KV head for all `M`
+query rows at once (the G query heads and T positions stacked into the matrix dimension), and
+the selected list is split across `num_splits` programs per (batch, KV head), whose partial
+softmax states are merged by a log-sum-exp combine, so one sequence fills the GPU. Rows are
+gathered through the index list (a block of g rows is contiguous in the cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels._common import (
+    DEFAULT_MASK_VALUE,
+    cdiv,
+    log2_exact,
+    next_power_of_2,
+    resolve_backend,
+)
+
+GRANULARITIES = (1, 16, 32, 64)
+_LOG2_E = math.log2(math.e)
+_TARGET_PROGRAMS = 4 * 132  # a few waves on an H100 / H200 (132 multiprocessors)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiling of `sparse_verify_attention`.
+
+    Attributes:
+      block_k: KV rows per loop step (power of two, >= 16).
+      num_splits: programs per (batch, KV head) sharing the selected list; None picks
+        enough to fill the GPU.
+      num_warps, num_stages: Triton compiler parameters.
+    """
+
+    block_k: int = 64
+    num_splits: int | None = None
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @classmethod
+    def get_default(cls, *, rows_per_head: int, head_dim: int) -> BlockSizes:
+        """Defaults for M = rows_per_head stacked query rows (padded) and head_dim D."""
+        if rows_per_head <= 16:
+            return cls(block_k=64, num_warps=4, num_stages=3)
+        if rows_per_head <= 32:
+            return cls(block_k=64 if head_dim <= 64 else 32, num_warps=4, num_stages=3)
+        return cls(block_k=32, num_warps=8, num_stages=3)
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_rows: int, block_k: int) -> int:
+    """Splits per (batch, KV head): about _TARGET_PROGRAMS programs, at least 4 steps each."""
+    wanted = next_power_of_2(cdiv(_TARGET_PROGRAMS, batch * num_kv_heads))
+    most = max(1, max_rows // (4 * block_k))
+    return int(max(1, min(wanted, 64, next_power_of_2(most + 1) // 2)))
+
+
+def sparse_verify_attention_kernel(
+    q_ref,  # [M_pad, D] query rows of one KV head, row m = t * G + g (zero padding)
+    k_ref,  # [S, D] keys of that KV head
+    v_ref,  # [S, D] values of that KV head
+    indices_ref,  # [N] selected block ids
+    count_ref,  # [1] number of valid ids
+    length_ref,  # [1] context length (the new tokens follow it)
+    o_ref,  # [M_pad, D] f32 unnormalised output of this split
+    l_ref,  # [M_pad] f32 softmax denominators of this split
+    m_ref,  # [M_pad] f32 running max (log2 units) of this split
+    *,
+    sm_scale: float,
+    granularity: int,
+    block_k: int,
+    block_new: int,
+    num_splits: int,
+    num_queries: int,
+    q_heads_per_kv_head: int,
+    mask_value: float,
+):
+    split = pl.program_id(1)
+    seq_len, head_dim = k_ref.shape
+    rows = q_ref.shape[0]
+    count = count_ref[0]
+    length = length_ref[0]
+    log2_granularity = log2_exact(granularity)
+    dims = jnp.arange(head_dim, dtype=jnp.int32)
+    scale = sm_scale * _LOG2_E  # softmax in base 2
+
+    q = q_ref[...]  # [M_pad, D]
+
+    def step(carry, positions, valid, visible):
+        """Online-softmax update with K/V rows at positions (valid lanes loaded only)."""
+        acc, m_prev, l_prev = carry
+        k = pltriton.load(
+            k_ref.at[positions[:, None], dims[None, :]], mask=valid[:, None], other=0.0
+        )  # [block, D]
+        v = pltriton.load(
+            v_ref.at[positions[:, None], dims[None, :]], mask=valid[:, None], other=0.0
+        )  # [block, D]
+        s = pltriton.dot(q, k, trans_b=True) * scale  # [M_pad, block] f32
+        s = jnp.where(visible, s, mask_value)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
+        correction = jnp.exp2(m_prev - m_next)
+        probs = jnp.where(visible, jnp.exp2(s - m_next[:, None]), 0.0)
+        l_next = l_prev * correction + jnp.sum(probs, axis=1)
+        acc = acc * correction[:, None] + pltriton.dot(probs.astype(v.dtype), v)
+        return acc, m_next, l_next
+
+    carry = (
+        jnp.zeros((rows, head_dim), jnp.float32),
+        jnp.full((rows,), mask_value, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+
+    # The new tokens, read by split 0 only: position length + u is visible to rows t >= u.
+    new = jnp.arange(block_new, dtype=jnp.int32)
+    new_valid = (new < num_queries) & (split == 0)
+    new_positions = jnp.minimum(length + new, seq_len - 1)
+    query_token = lax.div(jnp.arange(rows, dtype=jnp.int32), q_heads_per_kv_head)
+    new_visible = new_valid[None, :] & (new[None, :] <= query_token[:, None])
+    carry = step(carry, new_positions, new_valid, new_visible)
+
+    # The selected context as a flat list of rows j = entry * g + offset; split `split` takes
+    # rows [start, end), an equal share rounded up to whole steps.
+    num_rows = count * granularity
+    per_split = cdiv_dynamic(cdiv_dynamic(num_rows, num_splits), block_k) * block_k
+    start = split * per_split
+    end = jnp.minimum(start + per_split, num_rows)
+    num_steps = cdiv_dynamic(jnp.maximum(end - start, 0), block_k)
+    lanes = jnp.arange(block_k, dtype=jnp.int32)
+
+    def body(i, carry):
+        flat = start + i * block_k + lanes
+        in_list = flat < end
+        entry = lax.shift_right_logical(flat, log2_granularity)
+        block_ids = pltriton.load(indices_ref.at[entry], mask=in_list, other=0)
+        positions = block_ids * granularity + (flat & (granularity - 1))
+        valid = in_list & (positions >= 0) & (positions < length)
+        return step(carry, positions, valid, valid[None, :])
+
+    acc, m_i, l_i = lax.fori_loop(0, num_steps, body, carry)
+    o_ref[...] = acc
+    l_ref[...] = l_i
+    m_ref[...] = m_i
+
+
+def cdiv_dynamic(a, b):
+    return (a + (b - 1)) // b
+
+
+def _sparse_verify_attention_unbatched(
+    q,  # [T, H, D]
+    k_cache,  # [S, H_kv, D]
+    v_cache,  # [S, H_kv, D]
+    block_indices,  # i32[N]
+    block_count,  # i32[1]
+    context_length,  # i32[1]
+    *,
+    sm_scale: float,
+    granularity: int,
+    block_k: int,
+    num_splits: int,
+    num_warps: int,
+    num_stages: int,
+    mask_value: float,
+    interpret: bool,
+    debug: bool,
+):
+    num_queries, num_heads, head_dim = q.shape
+    seq_len, num_kv_heads, _ = k_cache.shape
+    num_slots = block_indices.shape[0]
+    q_heads_per_kv_head = num_heads // num_kv_heads
+    rows = num_queries * q_heads_per_kv_head
+    rows_padded = max(16, next_power_of_2(rows))
+    block_new = max(16, next_power_of_2(num_queries))
+
+    # [T, H_kv, G, D] -> [H_kv, T * G, D], zero-padded to M_pad rows.
+    q_rows = q.reshape(num_queries, num_kv_heads, q_heads_per_kv_head, head_dim)
+    q_rows = q_rows.transpose(1, 0, 2, 3).reshape(num_kv_heads, rows, head_dim)
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, rows_padded - rows), (0, 0))).astype(k_cache.dtype)
+
+    kernel = functools.partial(
+        sparse_verify_attention_kernel,
+        sm_scale=sm_scale,
+        granularity=granularity,
+        block_k=block_k,
+        block_new=block_new,
+        num_splits=num_splits,
+        num_queries=num_queries,
+        q_heads_per_kv_head=q_heads_per_kv_head,
+        mask_value=mask_value,
+    )
+    o, l, m = pl.pallas_call(
+        kernel,
+        grid=(num_kv_heads, num_splits),
+        in_specs=[
+            pl.BlockSpec((None, rows_padded, head_dim), lambda h, s: (h, 0, 0)),  # q
+            pl.BlockSpec((seq_len, None, head_dim), lambda h, s: (0, h, 0)),  # k_cache
+            pl.BlockSpec((seq_len, None, head_dim), lambda h, s: (0, h, 0)),  # v_cache
+            pl.BlockSpec((num_slots,), lambda h, s: (0,)),  # block_indices
+            pl.BlockSpec((1,), lambda h, s: (0,)),  # block_count
+            pl.BlockSpec((1,), lambda h, s: (0,)),  # context_length
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, rows_padded, head_dim), lambda h, s: (h, s, 0, 0)),  # o
+            pl.BlockSpec((None, None, rows_padded), lambda h, s: (h, s, 0)),  # l
+            pl.BlockSpec((None, None, rows_padded), lambda h, s: (h, s, 0)),  # m
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((num_kv_heads, num_splits, rows_padded, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((num_kv_heads, num_splits, rows_padded), jnp.float32),
+            jax.ShapeDtypeStruct((num_kv_heads, num_splits, rows_padded), jnp.float32),
+        ],
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        debug=debug,
+        name=f"sparse_verify_attention_{granularity=}_{block_k=}_{num_splits=}",
+    )(q_rows, k_cache, v_cache, block_indices, block_count, context_length)
+
+    # Final round of flash: merge the splits (in log2 units).
+    o, l, m = o[:, :, :rows], l[:, :, :rows], m[:, :, :rows]
+    m_max = m.max(axis=1)  # [H_kv, M]
+    weight = jnp.exp2(m - m_max[:, None])  # [H_kv, splits, M]
+    denominator = (l * weight).sum(axis=1)  # [H_kv, M]
+    out = (o * weight[..., None]).sum(axis=1)  # [H_kv, M, D]
+    out = out / (denominator[..., None] + jnp.finfo(jnp.float32).eps)
+    out = out.reshape(num_kv_heads, num_queries, q_heads_per_kv_head, head_dim)
+    return out.transpose(1, 0, 2, 3).reshape(num_queries, num_heads, head_dim).astype(q.dtype)
+
+
+def _check_inputs(q, k_cache, v_cache, block_indices, block_counts, context_lengths, granularity):
+    if q.ndim != 4 or k_cache.ndim != 4:
+        raise ValueError(
+            f"q must be [B, T, H, D] and k_cache [B, S, H_kv, D]; got {q.shape} and "
+            f"{k_cache.shape}."
+        )
+    batch, num_queries, num_heads, head_dim = q.shape
+    _, seq_len, num_kv_heads, head_dim_k = k_cache.shape
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {k_cache.shape} and v_cache {v_cache.shape} must match.")
+    if k_cache.shape[0] != batch or head_dim_k != head_dim:
+        raise ValueError(f"q {q.shape} and k_cache {k_cache.shape} disagree on B or D.")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads=} must be a multiple of {num_kv_heads=}.")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"{head_dim=} must be a power of two >= 16.")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"{granularity=} must be one of {GRANULARITIES}.")
+    if block_indices.ndim != 2 or block_indices.shape[0] != batch:
+        raise ValueError(f"block_indices must be i32[B={batch}, N], got {block_indices.shape}.")
+    for name, x in (("block_counts", block_counts), ("context_lengths", context_lengths)):
+        if x.shape != (batch,):
+            raise ValueError(f"{name} must be i32[B={batch}], got shape {x.shape}.")
+    for name, x in (
+        ("block_indices", block_indices),
+        ("block_counts", block_counts),
+        ("context_lengths", context_lengths),
+    ):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must be integers, got {x.dtype}.")
+    if num_queries > seq_len:
+        raise ValueError(f"{num_queries=} new tokens do not fit a cache of {seq_len=}.")
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("granularity", "sm_scale", "block_sizes", "mask_value", "interpret", "debug"),
+)
+def sparse_verify_attention(
+    q: jax.Array,  # [B, T, H, D]
+    k_cache: jax.Array,  # [B, S, H_kv, D]
+    v_cache: jax.Array,  # [B, S, H_kv, D]
+    block_indices: jax.Array,  # i32[B, N]
+    block_counts: jax.Array,  # i32[B]
+    context_lengths: jax.Array,  # i32[B]
+    *,
+    granularity: int,
+    sm_scale: float | None = None,
+    block_sizes: BlockSizes | None = None,
+    mask_value: float = DEFAULT_MASK_VALUE,
+    interpret: bool = False,
+    debug: bool = False,
+) -> jax.Array:
+    """Verify attention over the selected KV blocks plus the new tokens (Pallas kernel).
+
+    Args:
+      q: [B, T, H, D] queries of the T new tokens (bf16, f16 or f32).
+      k_cache, v_cache: [B, S, H_kv, D]; the new tokens are already written at positions
+        context_lengths[b] + t.
+      block_indices: i32[B, N] distinct block ids at `granularity`; entries past
+        block_counts[b] are ignored.
+      block_counts: i32[B] in [0, N].
+      context_lengths: i32[B] cached tokens before the new ones.
+      granularity: tokens per block, one of (1, 16, 32, 64).
+      sm_scale: softmax scale, 1/sqrt(D) if None.
+      block_sizes: tiling (`BlockSizes.get_default` if None).
+      mask_value, interpret, debug: the finite masked logit; forwarded to `pallas_call`.
+
+    Returns:
+      [B, T, H, D] in q's dtype (float32 accumulation).
+    """
+    _check_inputs(q, k_cache, v_cache, block_indices, block_counts, context_lengths, granularity)
+    batch, num_queries, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    rows_padded = max(16, next_power_of_2(num_queries * (num_heads // num_kv_heads)))
+    if block_sizes is None:
+        block_sizes = BlockSizes.get_default(rows_per_head=rows_padded, head_dim=head_dim)
+    num_splits = block_sizes.num_splits or default_num_splits(
+        batch, num_kv_heads, block_indices.shape[1] * granularity, block_sizes.block_k
+    )
+    impl = functools.partial(
+        _sparse_verify_attention_unbatched,
+        sm_scale=float(head_dim**-0.5 if sm_scale is None else sm_scale),
+        granularity=granularity,
+        block_k=block_sizes.block_k,
+        num_splits=num_splits,
+        num_warps=block_sizes.num_warps,
+        num_stages=block_sizes.num_stages,
+        mask_value=mask_value,
+        interpret=interpret,
+        debug=debug,
+    )
+    return jax.vmap(impl)(
+        q,
+        k_cache,
+        v_cache,
+        block_indices.astype(jnp.int32),
+        block_counts.astype(jnp.int32)[:, None],
+        context_lengths.astype(jnp.int32)[:, None],
+    )
+
+
+def dense_block_list(
+    context_lengths: jax.Array,  # i32[B]
+    seq_len: int,
+    granularity: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Every block of each row's context: (i32[B, ceil(S / g)] ids, i32[B] counts).
+
+    With it, `sparse_verify_attention` is dense verify attention (the baseline).
+    """
+    num_blocks = cdiv(seq_len, granularity)
+    batch = context_lengths.shape[0]
+    indices = jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.int32), (batch, num_blocks))
+    counts = (context_lengths.astype(jnp.int32) + granularity - 1) // granularity
+    return indices, jnp.minimum(counts, num_blocks)
+
+
+def dense_verify_attention(
+    q: jax.Array,  # [B, T, H, D]
+    k_cache: jax.Array,  # [B, S, H_kv, D]
+    v_cache: jax.Array,  # [B, S, H_kv, D]
+    context_lengths: jax.Array,  # i32[B]
+    *,
+    granularity: int = 64,
+    **kwargs,
+) -> jax.Array:
+    """Dense verify: `sparse_verify_attention` with every context block selected."""
+    indices, counts = dense_block_list(context_lengths, k_cache.shape[1], granularity)
+    return sparse_verify_attention(
+        q, k_cache, v_cache, indices, counts, context_lengths, granularity=granularity, **kwargs
+    )
+
+
+def sparse_verify_attention_dispatch(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    block_indices: jax.Array,
+    block_counts: jax.Array,
+    context_lengths: jax.Array,
+    *,
+    granularity: int,
+    sm_scale: float | None = None,
+    backend: str = "auto",
+) -> jax.Array:
+    """`sparse_verify_attention` on GPU ("pallas"), the reference elsewhere ("reference").
+
+    backend: "auto" (the kernel on a CUDA GPU, else the reference), "pallas" or "reference".
+    """
+    op = (
+        sparse_verify_attention
+        if resolve_backend(backend) == "pallas"
+        else sparse_verify_attention_reference
+    )
+    return op(
+        q,
+        k_cache,
+        v_cache,
+        block_indices,
+        block_counts,
+        context_lengths,
+        granularity=granularity,
+        sm_scale=sm_scale,
+    )
+
+
+def selection_mask(
+    block_indices: jax.Array,  # i32[B, N]
+    block_counts: jax.Array,  # i32[B]
+    context_lengths: jax.Array,  # i32[B]
+    num_queries: int,
+    seq_len: int,
+    granularity: int,
+) -> jax.Array:
+    """bool[B, T, S]: which cache positions each new query reads (selected context + new)."""
+    batch, num_slots = block_indices.shape
+    num_blocks = cdiv(seq_len, granularity)
+    in_list = jnp.arange(num_slots)[None, :] < block_counts[:, None]
+    ids = jnp.where(in_list & (block_indices >= 0), block_indices, num_blocks)
+    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], ids.shape)
+    blocks = jnp.zeros((batch, num_blocks), jnp.bool_).at[rows, ids].set(True, mode="drop")
+    positions = jnp.arange(seq_len)
+    selected = jnp.repeat(blocks, granularity, axis=1)[:, :seq_len]
+    context = selected & (positions[None, :] < context_lengths[:, None])  # [B, S]
+    offset = positions[None, None, :] - context_lengths[:, None, None]  # [B, 1, S]
+    new = (offset >= 0) & (offset <= jnp.arange(num_queries)[None, :, None])  # [B, T, S]
+    return context[:, None, :] | new
+
+
+@functools.partial(jax.jit, static_argnames=("granularity", "sm_scale"))
+def sparse_verify_attention_reference(
+    q: jax.Array,  # [B, T, H, D]
+    k_cache: jax.Array,  # [B, S, H_kv, D]
+    v_cache: jax.Array,  # [B, S, H_kv, D]
+    block_indices: jax.Array,  # i32[B, N]
+    block_counts: jax.Array,  # i32[B]
+    context_lengths: jax.Array,  # i32[B]
+    *,
+    granularity: int,
+    sm_scale: float | None = None,
+) -> jax.Array:
+    """Plain-jnp float32 definition of `sparse_verify_attention` (same data arguments)."""
+    _check_inputs(q, k_cache, v_cache, block_indices, block_counts, context_lengths, granularity)
+    batch, num_queries, num_heads, head_dim = q.shape
+    _, seq_len, num_kv_heads, _ = k_cache.shape
+    sm_scale = head_dim**-0.5 if sm_scale is None else sm_scale
+    mask = selection_mask(
+        block_indices, block_counts, context_lengths, num_queries, seq_len, granularity
+    )  # [B, T, S]
+    q_grouped = q.reshape(batch, num_queries, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    logits = jnp.einsum(
+        "btkgd,bskd->bkgts",
+        q_grouped.astype(jnp.float32),
+        k_cache.astype(jnp.float32),
+        precision=lax.Precision.HIGHEST,
+    )
+    logits = jnp.where(mask[:, None, None], logits * sm_scale, DEFAULT_MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum(
+        "bkgts,bskd->btkgd", probs, v_cache.astype(jnp.float32), precision=lax.Precision.HIGHEST
+    )
+    return out.reshape(q.shape).astype(q.dtype)
