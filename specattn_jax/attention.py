@@ -8,12 +8,13 @@ heads, `G = H // H_kv`, `D` head dim, `N` selected blocks, `L` layers.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-# Finite mask value, shared with the kernels: exp() of it underflows to 0 without NaNs.
-DEFAULT_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+import pallas_kernels
+from pallas_kernels._common import DEFAULT_MASK_VALUE
 
 
 @jax.tree_util.register_dataclass
@@ -24,19 +25,65 @@ class AttentionPlan:
     Layers with `sparse_layers[l] == False` attend densely. A sparse layer reads, for each
     sequence, the context blocks `block_indices[l, b, :block_counts[l, b]]` (block `i` covers
     positions `[i * granularity, (i + 1) * granularity)`, clipped to the context), plus the new
-    tokens of this forward, causally.
+    tokens of this forward, causally. A selector that needs the layer's own queries (Quest,
+    Double Sparsity, the oracle) leaves the lists None and sets `query_selector`, whose
+    `select(layer, q, k_cache, context_lengths) -> (block_indices i32[B, N], counts i32[B])`
+    runs inside the layer.
 
     Attributes:
       block_indices: i32[L, B, N] selected block ids, ascending, compacted to the front.
       block_counts: i32[L, B] number of valid ids per row.
       granularity: tokens per block (static).
       sparse_layers: per verifier layer, whether it reads sparsely (static).
+      query_selector: a pytree with a `select` method, or None.
     """
 
-    block_indices: jax.Array  # i32[L, B, N]
-    block_counts: jax.Array  # i32[L, B]
+    block_indices: jax.Array | None  # i32[L, B, N]
+    block_counts: jax.Array | None  # i32[L, B]
     granularity: int = dataclasses.field(metadata=dict(static=True), default=1)
     sparse_layers: tuple[bool, ...] = dataclasses.field(metadata=dict(static=True), default=())
+    query_selector: Any = None
+
+    def layer_selection(
+        self, layer: int, q: jax.Array, k_cache: jax.Array, context_lengths: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        """(block_indices i32[B, N], block_counts i32[B]) for one sparse layer."""
+        if self.query_selector is not None:
+            return self.query_selector.select(layer, q, k_cache, context_lengths)
+        return self.block_indices[layer], self.block_counts[layer]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ForwardInfo:
+    """What a forward reports besides logits and cache.
+
+    Attributes:
+      attention: f32[L, B, T, S] head-mean attention probabilities over cache positions (when
+        asked for; sparse layers report zeros), else None.
+      kv_read: i32[L, B] KV entries each layer read per sequence, at the granularity read
+        (the selected context clipped to its length, plus the T new tokens).
+      kv_dense: i32[B] entries a dense layer reads: context + T.
+      queries: [L, B, T, H, D] every layer's RoPE'd queries (when asked for), else None.
+    """
+
+    attention: jax.Array | None
+    kv_read: jax.Array  # i32[L, B]
+    kv_dense: jax.Array  # i32[B]
+    queries: jax.Array | None = None
+
+
+def context_entries_read(
+    block_indices: jax.Array,  # i32[B, N]
+    block_counts: jax.Array,  # i32[B]
+    context_lengths: jax.Array,  # i32[B]
+    granularity: int,
+) -> jax.Array:
+    """i32[B]: context positions covered by the selected blocks, clipped to the context."""
+    starts = block_indices * granularity
+    sizes = jnp.clip(context_lengths[:, None] - starts, 0, granularity)
+    valid = jnp.arange(block_indices.shape[1])[None, :] < block_counts[:, None]
+    return jnp.sum(jnp.where(valid, sizes, 0), axis=1).astype(jnp.int32)
 
 
 def dense_attention(
@@ -85,8 +132,6 @@ def sparse_attention(
     picks the Pallas kernel ("pallas"), the jnp reference ("reference"), or the kernel on GPU
     and the reference elsewhere ("auto").
     """
-    import pallas_kernels
-
     return pallas_kernels.sparse_verify_attention_dispatch(
         q,
         k,

@@ -73,19 +73,42 @@ def _load_pair(args):
     return draft, verifier, tokenizer
 
 
+def _spec_config(args):
+    """The `SpecConfig` of the generate options (SpecAttn when --attn-p is given)."""
+    from specattn_jax.layer_map import LayerMap
+    from specattn_jax.speculative import SpecConfig
+
+    layer_map = LayerMap.load(args.layer_map) if args.layer_map else None
+    if args.attn_p is not None and layer_map is None and not args.json:
+        print(
+            "note: no --layer-map given; calibrating one on the prompt (run `specattn "
+            "calibrate` once for a better map)",
+            file=sys.stderr,
+        )
+    return SpecConfig(
+        gamma=args.gamma,
+        attn_p=args.attn_p,
+        granularity=args.granularity,
+        dense_layers=args.dense_layers,
+        layer_map=layer_map,
+    )
+
+
 def cmd_generate(args) -> None:
     import jax
 
     from specattn_jax.sampling import make_sampler
-    from specattn_jax.speculative import SpecConfig, generate_stream
+    from specattn_jax.speculative import generate_stream
 
     draft, verifier, tokenizer = _load_pair(args)
+    if args.attn_p is not None and draft is None:
+        raise SpecAttnError("--attn-p (SpecAttn) needs a --draft model")
     prompt = _prompt_ids(args, tokenizer)
     stream = generate_stream(
         draft,
         verifier,
         [prompt],
-        SpecConfig(gamma=args.gamma),
+        _spec_config(args),
         max_new_tokens=args.max_new_tokens,
         sampler=make_sampler(args.temperature, args.top_k, args.top_p),
         key=jax.random.key(args.seed),
@@ -108,7 +131,9 @@ def cmd_generate(args) -> None:
     stats = {
         **stats,
         "seconds": round(seconds, 3),
-        "decoder": "speculative" if draft is not None else "autoregressive",
+        "decoder": "autoregressive"
+        if draft is None
+        else ("specattn" if args.attn_p is not None else "speculative"),
     }
     if args.json:
         print(json.dumps({"tokens": tokens, "text": text, "stats": stats}))
@@ -122,8 +147,107 @@ def _stats_line(stats: dict) -> str:
     if "acceptance_rate" in stats:
         parts.append(f"acceptance {stats['acceptance_rate']:.1%}")
         parts.append(f"{stats['tokens_per_step']:.2f} tokens/step")
+    if stats["decoder"] == "specattn":
+        parts.append(f"KV reduction {stats['kv_reduction']:.1%}")
     parts.append(f"{stats['seconds']:.2f} s")
     return "[" + ", ".join(parts) + "]"
+
+
+def read_text_source(source: str) -> str:
+    """The text of a file, or of every *.txt file under a directory (sorted), joined."""
+    path = Path(source)
+    if path.is_file():
+        return path.read_text(encoding="utf-8", errors="replace")
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise SpecAttnError(f"no .txt files under {path}")
+        return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    raise SpecAttnError(f"text not found: {source}")
+
+
+def cmd_calibrate(args) -> None:
+    import numpy as np
+
+    from specattn_jax.layer_map import calibrate
+
+    draft, verifier, tokenizer = _load_pair(args)
+    if draft is None:
+        raise SpecAttnError("calibrate needs --draft")
+    if args.seq_len < 2 or args.num_sequences < 1:
+        raise SpecAttnError("--seq-len must be >= 2 and --num-sequences >= 1")
+    ids = np.array(_encode(tokenizer, read_text_source(args.text)), np.int32)
+    count = min(args.num_sequences, len(ids) // args.seq_len)
+    if count < 1:
+        raise SpecAttnError(
+            f"{args.text} has {len(ids)} tokens, fewer than one sequence of --seq-len "
+            f"{args.seq_len}"
+        )
+    sequences = [ids[i * args.seq_len : (i + 1) * args.seq_len] for i in range(count)]
+    layer_map = calibrate(draft, verifier, sequences, progress=not args.json, source=args.text)
+    layer_map.save(args.out)
+    if args.plot:
+        layer_map.plot(args.plot)
+    _emit(
+        args,
+        {"out": args.out, "plot": args.plot, "mapping": list(layer_map.mapping)},
+        [
+            f"layer map (verifier layer -> draft layer): {list(layer_map.mapping)}",
+            f"calibrated on {count} sequences of {args.seq_len} tokens; wrote {args.out}"
+            + (f" and {args.plot}" if args.plot else ""),
+        ],
+    )
+
+
+def load_eval_texts(data: str, data_dir: str | None = None) -> list[str]:
+    """Texts of a corpus split ("train", "validation", "test", through `datasets`) or of a
+    file or directory of .txt files."""
+    from specattn_jax.data import SPLITS, load_split_dataset
+
+    if data in SPLITS:
+        return list(load_split_dataset(data, data_dir)["text"])
+    return [read_text_source(data)]
+
+
+def cmd_eval_ppl(args) -> None:
+    from specattn_jax.eval import MethodFactory, PerplexityProtocol, make_windows
+    from specattn_jax.eval.report import compare_methods, markdown_table
+    from specattn_jax.layer_map import LayerMap
+
+    draft, verifier, tokenizer = _load_pair(args)
+    if draft is None:
+        raise SpecAttnError("eval-ppl needs --draft (its drafts drive every step)")
+    protocol = PerplexityProtocol(
+        window=args.window, prefix=args.prefix, gamma=args.gamma, batch_size=args.batch_size
+    )
+    windows = make_windows(
+        tokenizer, load_eval_texts(args.data, args.data_dir), args.window, args.num_windows
+    )
+    calibration = make_windows(
+        tokenizer, load_eval_texts(args.calibration_data, args.data_dir), args.window, 4
+    )
+    factory = MethodFactory(
+        draft,
+        verifier,
+        calibration,
+        layer_map=LayerMap.load(args.layer_map) if args.layer_map else None,
+        granularity=args.granularity,
+        dense_layers=args.dense_layers,
+    )
+    value = args.attn_p if args.method in ("specattn", "oracle") else args.budget
+    factory.selector(args.method, value)  # validate before the long run
+    rows = compare_methods(
+        factory, windows, protocol, [(args.method, value)], progress=not args.json
+    )
+    payload = {
+        "data": args.data,
+        "windows": len(windows),
+        "window": args.window,
+        "prefix": args.prefix,
+        "gamma": args.gamma,
+        "rows": rows,
+    }
+    _emit(args, payload, [markdown_table(rows)])
 
 
 def cmd_convert(args) -> None:
@@ -219,8 +343,51 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=0)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--cache-size", type=int, help="KV positions (default: what is needed)")
+    generate.add_argument(
+        "--attn-p", type=float, help="SpecAttn: attention mass to keep (enables sparse verify)"
+    )
+    generate.add_argument("--layer-map", help="layer map JSON from `specattn calibrate`")
+    generate.add_argument("--granularity", type=int, default=1, help="tokens per KV block")
+    generate.add_argument("--dense-layers", type=int, default=2)
     _add_common(generate)
     generate.set_defaults(run=cmd_generate)
+
+    calibrate = commands.add_parser("calibrate", help="calibrate the verifier->draft layer map")
+    calibrate.add_argument("--verifier", default="bundled:verifier")
+    calibrate.add_argument("--draft", default="bundled:draft")
+    calibrate.add_argument("--text", required=True, help="a text file or a directory of .txt")
+    calibrate.add_argument("--out", required=True, help="where to write the map (JSON)")
+    calibrate.add_argument("--plot", help="also draw the KL heatmap to this PNG")
+    calibrate.add_argument("--seq-len", type=int, default=512)
+    calibrate.add_argument("--num-sequences", type=int, default=16)
+    _add_common(calibrate)
+    calibrate.set_defaults(run=cmd_calibrate)
+
+    evaluate = commands.add_parser(
+        "eval-ppl", help="decode-time perplexity and measured KV reduction of a method"
+    )
+    evaluate.add_argument("--verifier", default="bundled:verifier")
+    evaluate.add_argument("--draft", default="bundled:draft")
+    evaluate.add_argument(
+        "--method",
+        default="specattn",
+        choices=("dense", "specattn", "oracle", "quest", "double_sparsity", "streaming_llm"),
+    )
+    evaluate.add_argument("--attn-p", type=float, default=0.97, help="specattn / oracle mass")
+    evaluate.add_argument("--budget", type=float, default=0.3, help="baselines: KV fraction")
+    evaluate.add_argument("--data", default="test", help="split name or a .txt file/directory")
+    evaluate.add_argument("--calibration-data", default="validation")
+    evaluate.add_argument("--data-dir", help="corpus folder (default ../shared/data/gutenberg)")
+    evaluate.add_argument("--window", type=int, default=2048)
+    evaluate.add_argument("--prefix", type=int, default=1024)
+    evaluate.add_argument("--gamma", type=int, default=4)
+    evaluate.add_argument("--num-windows", type=int, default=8)
+    evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument("--granularity", type=int, default=1)
+    evaluate.add_argument("--dense-layers", type=int, default=2)
+    evaluate.add_argument("--layer-map", help="layer map JSON (default: calibrate)")
+    _add_common(evaluate)
+    evaluate.set_defaults(run=cmd_eval_ppl)
 
     convert = commands.add_parser("convert", help="convert a checkpoint to HF or orbax format")
     convert.add_argument("src", help="HF directory, orbax directory, llama2.c .bin, or hub id")

@@ -3,7 +3,7 @@ GQA/MQA/MHA attention over a preallocated KV cache, SwiGLU MLP.
 
 One forward serves prefill, decode (T = 1) and multi-token verify (T = gamma + 1):
 
-    logits, cache, attention = model(tokens, cache)
+    logits, cache, info = model(tokens, cache)
 
 Under `jax.jit`, pass `(graphdef, state)` rather than the module, so the weights are
 arguments and not constants baked into the program (the pattern of Flax's gemma sampler):
@@ -27,7 +27,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from specattn_jax.attention import AttentionPlan, dense_attention, sparse_attention
+from specattn_jax.attention import (
+    AttentionPlan,
+    ForwardInfo,
+    context_entries_read,
+    dense_attention,
+    sparse_attention,
+)
 from specattn_jax.cache import KVCache
 from specattn_jax.config import LlamaConfig
 
@@ -112,9 +118,14 @@ class Attention(nnx.Module):
         k_cache: jax.Array,  # [B, S, H_kv, D]
         v_cache: jax.Array,  # [B, S, H_kv, D]
         context_lengths: jax.Array,  # i32[B]
-        plan: tuple[jax.Array, jax.Array, int] | None,
+        layer_index: int,
+        plan: AttentionPlan | None,
         return_summary: bool,
+        backend: str,
     ):
+        """Returns the output [B, T, E], the layer's updated caches, the head-mean attention
+        f32[B, T, S] (or None), the KV entries read per sequence i32[B] and the RoPE'd
+        queries [B, T, H, D]."""
         with jax.named_scope("qkv"):
             q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...])
             k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...])
@@ -128,13 +139,18 @@ class Attention(nnx.Module):
             rows = jnp.arange(x.shape[0])[:, None]
             k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
             v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+        num_new = x.shape[1]
         with jax.named_scope("attention"):
-            if plan is None:
+            if plan is None or not plan.sparse_layers[layer_index]:
                 out, summary = dense_attention(
                     q, k_cache, v_cache, positions, return_summary=return_summary
                 )
+                kv_read = context_lengths + num_new
             else:
-                block_indices, block_counts, granularity, backend = plan
+                with jax.named_scope("select"):
+                    block_indices, block_counts = plan.layer_selection(
+                        layer_index, q, k_cache, context_lengths
+                    )
                 out = sparse_attention(
                     q,
                     k_cache,
@@ -142,14 +158,17 @@ class Attention(nnx.Module):
                     block_indices,
                     block_counts,
                     context_lengths,
-                    granularity=granularity,
+                    granularity=plan.granularity,
                     backend=backend,
+                )
+                kv_read = num_new + context_entries_read(
+                    block_indices, block_counts, context_lengths, plan.granularity
                 )
                 summary = None
         out = jnp.einsum("bthd,hde->bte", out.astype(x.dtype), self.o_proj[...])
         if self.use_bias:
             out = out + self.o_bias[...]
-        return out, k_cache, v_cache, summary
+        return out, k_cache, v_cache, summary, kv_read, q
 
 
 class MLP(nnx.Module):
@@ -183,20 +202,19 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(config, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, k_cache, v_cache, context_lengths, plan, summary):
-        attn_out, k_cache, v_cache, attn_summary = self.self_attn(
+    def __call__(self, x, positions, inv_freq, k_cache, v_cache, context_lengths, *attn_args):
+        attn_out, k_cache, v_cache, attn_summary, kv_read, queries = self.self_attn(
             self.input_layernorm(x),
             positions,
             inv_freq,
             k_cache,
             v_cache,
             context_lengths,
-            plan,
-            summary,
+            *attn_args,
         )
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, k_cache, v_cache, attn_summary
+        return x, k_cache, v_cache, attn_summary, kv_read, queries
 
 
 class Llama(nnx.Module):
@@ -228,9 +246,10 @@ class Llama(nnx.Module):
         num_tokens: jax.Array | None = None,  # i32[B]
         plan: AttentionPlan | None = None,
         return_attention: bool = False,
+        return_queries: bool = False,
         last_logits_only: bool = False,
         backend: str = "auto",
-    ) -> tuple[jax.Array, KVCache, jax.Array | None]:
+    ) -> tuple[jax.Array, KVCache, ForwardInfo]:
         """Runs T new tokens per sequence through the model, appending them to the cache.
 
         Args:
@@ -240,14 +259,16 @@ class Llama(nnx.Module):
           num_tokens: i32[B] real tokens per row (default: all T).
           plan: per-layer sparse selection for verify; None attends densely everywhere.
           return_attention: also return the head-mean attention probabilities.
+          return_queries: also return every layer's RoPE'd queries (for calibrations).
           last_logits_only: return logits only at each row's last real token.
           backend: "auto", "pallas" or "reference" for the sparse attention.
 
         Returns:
           logits: f32[B, T, V] (or f32[B, 1, V] with `last_logits_only`).
           cache: the cache with the new entries and `lengths + num_tokens`.
-          attention: f32[L, B, T, S] head-mean probabilities over cache positions, or None.
-            Sparse layers of a plan report zeros.
+          info: `ForwardInfo`: the head-mean attention probabilities f32[L, B, T, S] over
+            cache positions when `return_attention` (sparse layers report zeros), and the KV
+            entries each layer read.
         """
         batch, seq = tokens.shape
         if num_tokens is None:
@@ -256,28 +277,24 @@ class Llama(nnx.Module):
         positions = context_lengths[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
         inv_freq = rope_inverse_frequencies(self.config)
         x = jnp.take(self.embed_tokens[...], tokens, axis=0)
-        new_k, new_v, summaries = [], [], []
+        new_k, new_v, summaries, kv_read, queries = [], [], [], [], []
         for layer_index, layer in enumerate(self.layers):
-            layer_plan = None
-            if plan is not None and plan.sparse_layers[layer_index]:
-                layer_plan = (
-                    plan.block_indices[layer_index],
-                    plan.block_counts[layer_index],
-                    plan.granularity,
-                    backend,
-                )
-            x, k_layer, v_layer, summary = layer(
+            x, k_layer, v_layer, summary, layer_kv_read, layer_queries = layer(
                 x,
                 positions,
                 inv_freq,
                 cache.k[layer_index],
                 cache.v[layer_index],
                 context_lengths,
-                layer_plan,
+                layer_index,
+                plan,
                 return_attention,
+                backend,
             )
             new_k.append(k_layer)
             new_v.append(v_layer)
+            kv_read.append(layer_kv_read)
+            queries.append(layer_queries)
             if return_attention:
                 if summary is None:
                     summary = jnp.zeros((batch, seq, cache.max_len), jnp.float32)
@@ -292,8 +309,13 @@ class Llama(nnx.Module):
             v=jnp.stack(new_v),
             lengths=context_lengths + num_tokens.astype(jnp.int32),
         )
-        attention = jnp.stack(summaries) if return_attention else None
-        return logits, cache, attention
+        info = ForwardInfo(
+            attention=jnp.stack(summaries) if return_attention else None,
+            kv_read=jnp.stack(kv_read),
+            kv_dense=context_lengths + seq,
+            queries=jnp.stack(queries) if return_queries else None,
+        )
+        return logits, cache, info
 
 
 @functools.partial(

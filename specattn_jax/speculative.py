@@ -8,6 +8,10 @@ Each step, for every sequence of the batch:
   3. the acceptance rule keeps a prefix of the drafts and supplies the next token;
   4. both caches roll back to the accepted length (setting `lengths`).
 
+SpecAttn is the selector of `SpecConfig(attn_p=...)`: the draft's attention of step 1
+picks, through the layer map, the KV blocks each sparse verifier layer reads in step 2.
+Baselines plug in as other selectors (`SpecConfig(selector=...)`).
+
 Positions: a sequence of `seq_len` tokens (prompt + generated) has its last token *pending*:
 in neither cache yet. At a step's start the verifier cache holds `seq_len - 1` entries and
 the draft cache `seq_len - 2`; the draft's first forward re-feeds the two last tokens, which
@@ -38,23 +42,102 @@ from specattn_jax.decoding import (
     stream,
 )
 from specattn_jax.errors import IncompatibleModelsError, SpecAttnError
+from specattn_jax.layer_map import LayerMap, calibrate
 from specattn_jax.model import Llama
 from specattn_jax.sampling import Greedy, Sampler
+from specattn_jax.selection import (
+    SelectionInputs,
+    Selector,
+    SpecAttnSelector,
+    check_granularity,
+    sparse_layer_flags,
+)
+from specattn_jax.selection.specattn import AGGREGATES
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SpecConfig:
-    """Static settings of speculative decoding.
+    """Settings of speculative decoding and of SpecAttn's sparse verification.
 
     Attributes:
       gamma: tokens drafted per step (>= 1).
+      attn_p: SpecAttn's attention mass kept per row, in (0, 1]; None verifies densely.
+        (Not nucleus sampling's `top_p`, which belongs to the sampler.)
+      granularity: tokens per KV block read: 1, 16, 32 or 64; must divide the cache size.
+      dense_layers: leading verifier layers that always read densely.
+      aggregate: "union" of the gamma per-query selections (the paper's rule) or "mean" of
+        the gamma attention rows, then one selection.
+      sinks: leading positions every sparse layer reads.
+      layer_map: the calibrated verifier -> draft layer map; None calibrates on the prompts.
+      selector: another selection method (a baseline); overrides attn_p.
+      backend: "auto" (Pallas kernels on GPU, references elsewhere), "pallas", "reference".
     """
 
     gamma: int = 4
+    attn_p: float | None = None
+    granularity: int = 1
+    dense_layers: int = 2
+    aggregate: str = "union"
+    sinks: int = 0
+    layer_map: LayerMap | None = None
+    selector: Selector | None = None
+    backend: str = "auto"
 
     def __post_init__(self):
         if not isinstance(self.gamma, int) or self.gamma < 1:
             raise SpecAttnError(f"gamma={self.gamma} must be an integer >= 1")
+        if self.attn_p is not None and not 0 < self.attn_p <= 1:
+            raise SpecAttnError(f"attn_p={self.attn_p} must be in (0, 1]")
+        if self.aggregate not in AGGREGATES:
+            raise SpecAttnError(f"aggregate={self.aggregate!r} must be one of {AGGREGATES}")
+        if self.dense_layers < 0 or self.sinks < 0:
+            raise SpecAttnError(
+                f"dense_layers={self.dense_layers} and sinks={self.sinks} must be >= 0"
+            )
+        if self.backend not in ("auto", "pallas", "reference"):
+            raise SpecAttnError(f"backend={self.backend!r} must be auto, pallas or reference")
+
+    @property
+    def sparse(self) -> bool:
+        return self.selector is not None or self.attn_p is not None
+
+    def build_selector(
+        self, draft: Llama, verifier: Llama, calibration_prompts: Sequence[Sequence[int]]
+    ) -> tuple[Selector | None, str]:
+        """The selector of this config for a model pair, and where its layer map came from.
+
+        Validates the layer map against the models (and calibrates one on the prompts when
+        none is given).
+        """
+        if self.selector is not None:
+            return self.selector, "baseline selector"
+        if self.attn_p is None:
+            return None, "dense"
+        num_layers = verifier.config.num_hidden_layers
+        if self.dense_layers > num_layers:
+            raise SpecAttnError(
+                f"dense_layers={self.dense_layers} exceeds the verifier's {num_layers} layers"
+            )
+        layer_map, origin = self.layer_map, "given"
+        if layer_map is None:
+            usable = [p for p in calibration_prompts if len(p) >= 2]
+            if not usable:
+                raise SpecAttnError(
+                    "no layer map given and no prompt of 2+ tokens to calibrate one on"
+                )
+            layer_map = calibrate(draft, verifier, usable, source="prompts")
+            origin = "calibrated on the prompts"
+        layer_map.check_fits(draft, verifier)
+        selector = SpecAttnSelector(
+            attn_p=jnp.float32(self.attn_p),
+            mapping=layer_map.mapping,
+            granularity=self.granularity,
+            dense_layers=self.dense_layers,
+            aggregate=self.aggregate,
+            sinks=self.sinks,
+            backend=self.backend,
+        )
+        return selector, origin
 
 
 @jax.tree_util.register_dataclass
@@ -73,6 +156,9 @@ class SpecState:
       drafted: i32[B] draft tokens proposed while the sequence was active.
       accepted: i32[B] draft tokens kept.
       active_steps: i32[B] steps taken while the sequence was active.
+      kv_read: f32[N_steps, L_v] KV entries each verifier layer read per step, summed over
+        the active sequences.
+      kv_dense: f32[N_steps] entries a dense layer would have read, likewise.
     """
 
     progress: DecodeProgress
@@ -85,6 +171,8 @@ class SpecState:
     drafted: jax.Array  # i32[B]
     accepted: jax.Array  # i32[B]
     active_steps: jax.Array  # i32[B]
+    kv_read: jax.Array  # f32[N_steps, L_v]
+    kv_dense: jax.Array  # f32[N_steps]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,22 +190,24 @@ def draft_tokens(
     rule: AcceptanceRule,
     key: jax.Array,
     gamma: int,
-) -> tuple[jax.Array, jax.Array, jax.Array, KVCache]:
+    return_attention: bool = True,
+) -> tuple[jax.Array, jax.Array, jax.Array | None, KVCache]:
     """Proposes `gamma` tokens per sequence.
 
     `cache.lengths` must be the position of `last_two[:, 0]`. Returns the drafted tokens
     i32[B, gamma], their logits f32[B, gamma, V], the draft's head-mean attention of each
-    drafting query over the cache f32[gamma, L_d, B, S], and the cache (lengths advanced by
-    gamma + 1).
+    drafting query over the cache f32[gamma, L_d, B, S] (None unless `return_attention`),
+    and the cache (lengths advanced by gamma + 1).
     """
-    logits, cache, attention = draft(last_two, cache, return_attention=True)
+    logits, cache, info = draft(last_two, cache, return_attention=return_attention)
     first = rule.sample(logits[:, 1], jax.random.fold_in(key, 0))
 
     def one_token(carry, index):
         token, cache = carry
-        logits, cache, attention = draft(token[:, None], cache, return_attention=True)
+        logits, cache, info = draft(token[:, None], cache, return_attention=return_attention)
         next_token = rule.sample(logits[:, 0], jax.random.fold_in(key, index))
-        return (next_token, cache), (token, logits[:, 0], attention[:, :, 0])
+        attention = info.attention[:, :, 0] if return_attention else None
+        return (next_token, cache), (token, logits[:, 0], attention)
 
     (last, cache), (tokens, step_logits, step_attention) = jax.lax.scan(
         one_token, (first, cache), jnp.arange(1, gamma)
@@ -125,11 +215,22 @@ def draft_tokens(
     # scan collected the inputs of steps 1..gamma-1: d_1..d_{gamma-1}; d_gamma is `last`.
     tokens = jnp.concatenate([tokens.T, last[:, None]], axis=1)
     all_logits = jnp.concatenate([logits[:, 1:2], step_logits.transpose(1, 0, 2)], axis=1)
-    all_attention = jnp.concatenate([attention[None, :, :, 1], step_attention], axis=0)
+    all_attention = None
+    if return_attention:
+        all_attention = jnp.concatenate([info.attention[None, :, :, 1], step_attention], axis=0)
     return tokens, all_logits, all_attention, cache
 
 
-def spec_step(models: _Models, params, rule: AcceptanceRule, eos_id, gamma: int, state: SpecState):
+def spec_step(
+    models: _Models,
+    params,
+    rule: AcceptanceRule,
+    selector: Selector | None,
+    eos_id: int | None,
+    gamma: int,
+    backend: str,
+    state: SpecState,
+) -> SpecState:
     """One speculative step for every sequence (see the module docstring)."""
     draft = nnx.merge(models.draft, params[0])
     verifier = nnx.merge(models.verifier, params[1])
@@ -139,13 +240,27 @@ def spec_step(models: _Models, params, rule: AcceptanceRule, eos_id, gamma: int,
 
     with jax.named_scope("draft"):
         draft_cache = state.draft_cache.with_lengths(state.seq_lengths - 2)
-        drafted, draft_logits, _, draft_cache = draft_tokens(
-            draft, draft_cache, state.last_two, rule, draft_key, gamma
+        need_attention = selector is not None and selector.needs_draft_attention
+        drafted, draft_logits, draft_attention, draft_cache = draft_tokens(
+            draft, draft_cache, state.last_two, rule, draft_key, gamma, need_attention
         )
+    verifier_cache = state.verifier_cache.with_lengths(state.seq_lengths - 1)
+    plan = None
+    if selector is not None:
+        with jax.named_scope("select"):
+            plan = selector.plan(
+                SelectionInputs(
+                    context_lengths=verifier_cache.lengths,
+                    draft_attention=draft_attention,
+                    num_layers=verifier.config.num_hidden_layers,
+                    cache_size=verifier_cache.max_len,
+                )
+            )
     with jax.named_scope("verify"):
         verify_tokens = jnp.concatenate([state.last_two[:, 1:], drafted], axis=1)
-        verifier_cache = state.verifier_cache.with_lengths(state.seq_lengths - 1)
-        verifier_logits, verifier_cache, _ = verifier(verify_tokens, verifier_cache)
+        verifier_logits, verifier_cache, info = verifier(
+            verify_tokens, verifier_cache, plan=plan, backend=backend
+        )
     with jax.named_scope("accept"):
         num_accepted, next_token = rule.accept(drafted, draft_logits, verifier_logits, accept_key)
         offsets = jnp.arange(gamma + 1)[None, :]
@@ -166,6 +281,12 @@ def spec_step(models: _Models, params, rule: AcceptanceRule, eos_id, gamma: int,
         drafted=state.drafted + jnp.where(active, gamma, 0),
         accepted=state.accepted + jnp.where(active, num_accepted, 0),
         active_steps=state.active_steps + active.astype(jnp.int32),
+        kv_read=state.kv_read.at[state.step].set(
+            info.kv_read.astype(jnp.float32) @ active.astype(jnp.float32), mode="drop"
+        ),
+        kv_dense=state.kv_dense.at[state.step].set(
+            info.kv_dense.astype(jnp.float32) @ active.astype(jnp.float32), mode="drop"
+        ),
     )
 
 
@@ -183,6 +304,7 @@ def _prefill(models, params, tokens, lengths, caches, rule, key, budgets, max_ne
     )
     last_prompt_token = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0]
     zeros = jnp.zeros_like(lengths)
+    num_layers = verifier.config.num_hidden_layers
     return SpecState(
         progress=progress,
         draft_cache=draft_cache,
@@ -194,16 +316,21 @@ def _prefill(models, params, tokens, lengths, caches, rule, key, budgets, max_ne
         drafted=zeros,
         accepted=zeros,
         active_steps=zeros,
+        kv_read=jnp.zeros((max_new, num_layers), jnp.float32),
+        kv_dense=jnp.zeros((max_new,), jnp.float32),
     )
 
 
-_STATIC = ("models", "gamma", "max_new", "eos_id")
+_STATIC = ("models", "max_new", "eos_id", "gamma", "backend")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("caches",))
-def _generate(models, params, tokens, lengths, caches, rule, key, budgets, max_new, eos_id, gamma):
+def _generate(
+    models, params, tokens, lengths, caches, rule, key, budgets, selector,
+    max_new, eos_id, gamma, backend,
+):  # fmt: skip
     state = _prefill(models, params, tokens, lengths, caches, rule, key, budgets, max_new, eos_id)
-    step = functools.partial(spec_step, models, params, rule, eos_id, gamma)
+    step = functools.partial(spec_step, models, params, rule, selector, eos_id, gamma, backend)
     return run_to_completion(step, state, max_steps=max_new)
 
 
@@ -211,7 +338,7 @@ _jit_prefill = jax.jit(
     _prefill, static_argnames=("models", "max_new", "eos_id"), donate_argnames=("caches",)
 )
 _jit_step = jax.jit(
-    spec_step, static_argnames=("models", "eos_id", "gamma"), donate_argnames=("state",)
+    spec_step, static_argnames=("models", "eos_id", "gamma", "backend"), donate_argnames=("state",)
 )
 
 
@@ -233,8 +360,13 @@ def check_compatible(draft: Llama, verifier: Llama, draft_tokenizer=None, verifi
 def _setup(draft, verifier, prompts, config, max_new_tokens, cache_size, key, eos_id, sampler):
     check_compatible(draft, verifier)
     tokens, lengths = pad_prompts(prompts)
-    cache_size = cache_size or tokens.shape[1] + max_new_tokens + config.gamma + 1
+    if cache_size is None:
+        needed = tokens.shape[1] + max_new_tokens + config.gamma + 1
+        cache_size = -(-needed // 64) * 64  # a multiple of every granularity
     check_fits_cache(lengths, max_new_tokens, cache_size, lookahead=config.gamma + 1)
+    if config.sparse:
+        check_granularity(config.granularity, cache_size)
+    selector, layer_map_origin = config.build_selector(draft, verifier, prompts)
     draft_graphdef, draft_params = nnx.split(draft)
     verifier_graphdef, verifier_params = nnx.split(verifier)
     batch = len(prompts)
@@ -246,9 +378,15 @@ def _setup(draft, verifier, prompts, config, max_new_tokens, cache_size, key, eo
         acceptance_for(sampler or Greedy()),
         jax.random.key(0) if key is None else key,
         jnp.full((batch,), max_new_tokens, jnp.int32),
+        selector,
     )
     eos_id = verifier.config.eos_token_id if eos_id == "config" else eos_id
-    return _Models(draft_graphdef, verifier_graphdef), args, eos_id
+    sparse_layers = sparse_layer_flags(
+        verifier.config.num_hidden_layers,
+        config.dense_layers if selector is not None else verifier.config.num_hidden_layers,
+    )
+    context = {"layer_map": layer_map_origin, "sparse_layers": sparse_layers}
+    return _Models(draft_graphdef, verifier_graphdef), args, eos_id, context
 
 
 def generate(
@@ -295,11 +433,11 @@ def generate(
             cache_size=cache_size,
         )
     config = config or SpecConfig()
-    models, args, eos_id = _setup(
+    models, args, eos_id, context = _setup(
         draft, verifier, prompts, config, max_new_tokens, cache_size, key, eos_id, sampler
     )
-    state = _generate(models, *args, max_new_tokens, eos_id, config.gamma)
-    return GenerationResult.from_progress(state.progress, spec_stats(state))
+    state = _generate(models, *args, max_new_tokens, eos_id, config.gamma, config.backend)
+    return GenerationResult.from_progress(state.progress, spec_stats(state, **context))
 
 
 def generate_stream(
@@ -328,17 +466,48 @@ def generate_stream(
         )
         return
     config = config or SpecConfig()
-    models, args, eos_id = _setup(
+    models, args, eos_id, context = _setup(
         draft, verifier, prompts, config, max_new_tokens, cache_size, key, eos_id, sampler
     )
-    state = _jit_prefill(models, *args, max_new_tokens, eos_id)
-    step = functools.partial(_jit_step, models, args[0], args[4], eos_id, config.gamma)
+    params, *prefill_args, selector = args
+    state = _jit_prefill(models, params, *prefill_args, max_new_tokens, eos_id)
+    step = functools.partial(
+        _jit_step, models, params, args[4], selector, eos_id, config.gamma, config.backend
+    )
     for new_tokens, stepped in stream(step, state, max_steps=max_new_tokens):
-        yield new_tokens, spec_stats(stepped)
+        yield new_tokens, spec_stats(stepped, **context)
 
 
-def spec_stats(state: SpecState) -> dict:
-    """Statistics of a run: steps, tokens, drafted/accepted, acceptance rate, tokens/step."""
+def kv_reduction(
+    kv_read: np.ndarray, kv_dense: np.ndarray, sparse_layers: Sequence[bool]
+) -> tuple[float, list[float], list[float]]:
+    """Measured KV reduction: 1 - entries read / entries dense attention would read.
+
+    Args:
+      kv_read: f[N, L] entries each layer read per step (summed over sequences).
+      kv_dense: f[N] entries a dense layer would read per step.
+      sparse_layers: per layer, whether it was sparse.
+    Returns:
+      (overall reduction over the sparse layers and steps, per layer (0 for dense layers),
+      per step over the sparse layers). Ratios of sums, so long contexts weigh more.
+    """
+    sparse = np.asarray(sparse_layers, bool)
+    steps = kv_dense > 0
+    kv_read, kv_dense = np.asarray(kv_read)[steps], np.asarray(kv_dense)[steps]
+    if not sparse.any() or not len(kv_dense):
+        return 0.0, [0.0] * len(sparse), [0.0] * len(kv_dense)
+    per_layer = np.where(sparse, 1 - kv_read.sum(0) / kv_dense.sum(), 0.0)
+    per_step = 1 - kv_read[:, sparse].sum(1) / (kv_dense * sparse.sum())
+    overall = 1 - kv_read[:, sparse].sum() / (kv_dense.sum() * sparse.sum())
+    return float(overall), per_layer.tolist(), per_step.tolist()
+
+
+def spec_stats(state: SpecState, layer_map: str = "", sparse_layers: Sequence[bool] = ()) -> dict:
+    """Statistics of a run: steps, tokens, drafted/accepted, acceptance rate, tokens/step,
+    and the measured KV reduction (overall, per layer, per step)."""
+    reduction, per_layer, per_step = kv_reduction(
+        np.asarray(state.kv_read), np.asarray(state.kv_dense), sparse_layers
+    )
     tokens = int(np.sum(np.asarray(state.progress.num_generated)))
     drafted = int(np.sum(np.asarray(state.drafted)))
     accepted = int(np.sum(np.asarray(state.accepted)))
@@ -352,4 +521,8 @@ def spec_stats(state: SpecState) -> dict:
         "tokens_per_step": (tokens - len(state.seq_lengths)) / active_steps
         if active_steps
         else 0.0,
+        "kv_reduction": reduction,
+        "kv_reduction_per_layer": per_layer,
+        "kv_reduction_per_step": per_step,
+        "layer_map": layer_map,
     }

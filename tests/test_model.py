@@ -147,7 +147,8 @@ def test_attention_summary_is_head_mean_probabilities():
     model = tiny_llama()
     tokens = _token_batch(128, batch=2, length=6)
     cache = model.init_cache(2, 10)
-    _, cache, attention = model(jnp.asarray(tokens), cache, return_attention=True)
+    _, cache, info = model(jnp.asarray(tokens), cache, return_attention=True)
+    attention = info.attention
     assert attention.shape == (2, 2, 6, 10)
     np.testing.assert_allclose(attention.sum(-1), 1.0, rtol=1e-5)
     assert np.all(np.asarray(attention)[..., 6:] == 0)  # never past the queries

@@ -1,0 +1,90 @@
+"""Every selection method by name, built the same way for the CLI, the sweep and notebooks.
+
+`value` is the method's one knob: SpecAttn's and the oracle's attention mass p, or the
+baselines' budget (fraction of the context read). Calibrations (the layer map, Double
+Sparsity's channels) come from calibration token sequences, never from the evaluated text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from specattn_jax.errors import SpecAttnError
+from specattn_jax.layer_map import LayerMap, calibrate
+from specattn_jax.model import Llama
+from specattn_jax.selection import Selector, SpecAttnSelector
+from specattn_jax.selection.baselines import (
+    DoubleSparsity,
+    OracleTopP,
+    Quest,
+    StreamingLLM,
+    calibrate_double_sparsity,
+)
+
+METHODS = ("dense", "specattn", "oracle", "quest", "double_sparsity", "streaming_llm")
+_P_METHODS = ("specattn", "oracle")
+
+
+@dataclasses.dataclass
+class MethodFactory:
+    """Builds selectors for one draft/verifier pair, calibrating what a method needs once.
+
+    Attributes:
+      draft, verifier: the models.
+      calibration: token sequences for the layer map and Double Sparsity's channels.
+      layer_map: a calibrated map (calibrated on `calibration` when None).
+      granularity: tokens per block for SpecAttn, the oracle and StreamingLLM (Quest reads
+        pages of 16; Double Sparsity reads tokens).
+      dense_layers: leading verifier layers every method leaves dense.
+      backend: kernel backend for the top-p search.
+    """
+
+    draft: Llama
+    verifier: Llama
+    calibration: Sequence[np.ndarray]
+    layer_map: LayerMap | None = None
+    granularity: int = 1
+    dense_layers: int = 2
+    backend: str = "auto"
+    _channels: object = None
+
+    def get_layer_map(self) -> LayerMap:
+        if self.layer_map is None:
+            self.layer_map = calibrate(self.draft, self.verifier, self.calibration)
+        self.layer_map.check_fits(self.draft, self.verifier)
+        return self.layer_map
+
+    def selector(self, method: str, value: float | None = None) -> Selector | None:
+        """The selector of `method` at `value` (p or budget); None for "dense"."""
+        if method not in METHODS:
+            raise SpecAttnError(f"method {method!r} is not one of {METHODS}")
+        if method == "dense":
+            return None
+        knob = "attn_p" if method in _P_METHODS else "budget"
+        if value is None or not 0 < value <= 1:
+            raise SpecAttnError(f"{method} needs {knob} in (0, 1], got {value}")
+        value = jnp.float32(value)
+        common = dict(dense_layers=self.dense_layers)
+        if method == "specattn":
+            return SpecAttnSelector(
+                attn_p=value,
+                mapping=self.get_layer_map().mapping,
+                granularity=self.granularity,
+                backend=self.backend,
+                **common,
+            )
+        if method == "oracle":
+            return OracleTopP(
+                attn_p=value, granularity=self.granularity, backend=self.backend, **common
+            )
+        if method == "quest":
+            return Quest(budget=value, **common)
+        if method == "streaming_llm":
+            return StreamingLLM(budget=value, granularity=self.granularity, **common)
+        if self._channels is None:
+            self._channels = calibrate_double_sparsity(self.verifier, self.calibration)
+        return DoubleSparsity(budget=value, channels=self._channels, **common)

@@ -1,0 +1,225 @@
+"""Layer mapping: which draft layer's attention stands in for each verifier layer.
+
+Calibration runs both models over the same token sequences and scores every pair of layers
+by `S[i, j] = -KL(A_v[j] || A_d[i])`, the divergence between the head-mean attention rows of
+verifier layer j and draft layer i, averaged over query positions and sequences. The map `f`
+maximises `sum_j S[f(j), j]` subject to `f` non-decreasing, solved exactly by dynamic
+programming in O(L_v * L_d).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from specattn_jax.errors import SpecAttnError
+from specattn_jax.model import Llama
+
+_LOG_FLOOR = 1e-30
+
+
+def model_fingerprint(model: Llama) -> str:
+    """A short hash identifying a model: its config and a sample of its weights."""
+    digest = hashlib.sha256(json.dumps(model.config.to_hf(), sort_keys=True).encode())
+    embed = np.asarray(model.embed_tokens[...][:8].astype(jnp.float32))
+    digest.update(embed.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def monotone_layer_map(scores: np.ndarray) -> tuple[int, ...]:
+    """The non-decreasing map f: verifier layer -> draft layer maximising sum_j S[f(j), j].
+
+    Args:
+      scores: f64[L_d, L_v] with `scores[i, j]` the score of mapping verifier layer j to
+        draft layer i.
+    Returns:
+      f as a tuple of L_v draft-layer indices; ties go to the smallest index.
+    """
+    scores = np.asarray(scores, np.float64)
+    num_draft, num_verifier = scores.shape
+    best = np.empty((num_verifier, num_draft))  # best[j, i]: best total of layers 0..j, f(j)=i
+    best[0] = scores[:, 0]
+    for j in range(1, num_verifier):
+        best[j] = scores[:, j] + np.maximum.accumulate(best[j - 1])
+    mapping = [int(np.argmax(best[-1]))]
+    for j in range(num_verifier - 2, -1, -1):
+        mapping.append(int(np.argmax(best[j][: mapping[-1] + 1])))
+    return tuple(reversed(mapping))
+
+
+def attention_kl_scores(
+    draft_attention: jax.Array,  # f32[L_d, T, S]
+    verifier_attention: jax.Array,  # f32[L_v, T, S]
+) -> jax.Array:
+    """f32[L_d, L_v]: mean over the T query rows of -KL(A_v[j] || A_d[i])."""
+    entropy_term = jnp.sum(
+        verifier_attention * jnp.log(jnp.maximum(verifier_attention, _LOG_FLOOR)), axis=(1, 2)
+    )  # [L_v]
+    cross_term = jnp.einsum(
+        "jts,its->ij", verifier_attention, jnp.log(jnp.maximum(draft_attention, _LOG_FLOOR))
+    )
+    return -(entropy_term[None, :] - cross_term) / verifier_attention.shape[1]
+
+
+@functools.partial(jax.jit, static_argnames=("draft_graphdef", "verifier_graphdef"))
+def _sequence_scores(draft_graphdef, draft_state, verifier_graphdef, verifier_state, tokens):
+    """f32[L_d, L_v] KL scores of one sequence i32[1, T]."""
+    attention = {}
+    for name, graphdef, state in (
+        ("draft", draft_graphdef, draft_state),
+        ("verifier", verifier_graphdef, verifier_state),
+    ):
+        model = nnx.merge(graphdef, state)
+        cache = model.init_cache(1, tokens.shape[1])
+        _, _, info = model(tokens, cache, return_attention=True)
+        attention[name] = info.attention[:, 0]
+    return attention_kl_scores(attention["draft"], attention["verifier"])
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerMap:
+    """A calibrated verifier-layer -> draft-layer map.
+
+    Attributes:
+      mapping: for each verifier layer j, the draft layer f(j) (non-decreasing).
+      scores: L_d x L_v matrix of -KL(A_v[j] || A_d[i]).
+      draft_fingerprint, verifier_fingerprint: `model_fingerprint` of the calibrated pair.
+      calibration: what it was calibrated on (sequences, tokens per sequence, source).
+    """
+
+    mapping: tuple[int, ...]
+    scores: tuple[tuple[float, ...], ...]
+    draft_fingerprint: str
+    verifier_fingerprint: str
+    calibration: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def num_verifier_layers(self) -> int:
+        return len(self.mapping)
+
+    def check_fits(self, draft: Llama, verifier: Llama) -> None:
+        """Raises `SpecAttnError` unless the map was calibrated for this draft/verifier pair."""
+        if len(self.mapping) != verifier.config.num_hidden_layers:
+            raise SpecAttnError(
+                f"the layer map has {len(self.mapping)} entries but the verifier has "
+                f"{verifier.config.num_hidden_layers} layers"
+            )
+        if max(self.mapping) >= draft.config.num_hidden_layers or min(self.mapping) < 0:
+            raise SpecAttnError(
+                f"the layer map points at draft layers {sorted(set(self.mapping))} but the "
+                f"draft has {draft.config.num_hidden_layers} layers"
+            )
+        if (self.draft_fingerprint, self.verifier_fingerprint) != (
+            model_fingerprint(draft),
+            model_fingerprint(verifier),
+        ):
+            raise SpecAttnError(
+                "the layer map was calibrated for other models (fingerprints "
+                f"{self.draft_fingerprint}/{self.verifier_fingerprint}, these models are "
+                f"{model_fingerprint(draft)}/{model_fingerprint(verifier)}); recalibrate"
+            )
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> LayerMap:
+        path = Path(path)
+        if not path.is_file():
+            raise SpecAttnError(f"layer map not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+            layer_map = cls(
+                mapping=tuple(int(i) for i in data["mapping"]),
+                scores=tuple(tuple(float(x) for x in row) for row in data["scores"]),
+                draft_fingerprint=data["draft_fingerprint"],
+                verifier_fingerprint=data["verifier_fingerprint"],
+                calibration=data.get("calibration", {}),
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise SpecAttnError(f"{path} is not a valid layer map ({e})") from None
+        if any(b < a for a, b in zip(layer_map.mapping, layer_map.mapping[1:], strict=False)):
+            raise SpecAttnError(f"{path}: the mapping {layer_map.mapping} is not non-decreasing")
+        return layer_map
+
+    def plot(self, path: str | Path, title: str = "KL(A_v[j] || A_d[i])") -> Path:
+        """Saves the KL heatmap (draft layers x verifier layers) with the chosen cells marked."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        kl = -np.array(self.scores)
+        num_draft, num_verifier = kl.shape
+        fig, ax = plt.subplots(figsize=(1.2 + 0.55 * num_verifier, 1.2 + 0.55 * num_draft))
+        image = ax.imshow(kl, cmap="viridis_r", aspect="auto", origin="lower")
+        ax.scatter(
+            range(num_verifier), self.mapping, marker="s", s=160, facecolors="none",
+            edgecolors="red", linewidths=2, label="f(j)",
+        )  # fmt: skip
+        ax.set_xlabel("verifier layer j")
+        ax.set_ylabel("draft layer i")
+        ax.set_xticks(range(num_verifier))
+        ax.set_yticks(range(num_draft))
+        ax.set_title(title)
+        fig.colorbar(image, ax=ax, label="KL divergence (nats)")
+        ax.legend(loc="upper left", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return Path(path)
+
+
+def calibrate(
+    draft: Llama,
+    verifier: Llama,
+    sequences: Iterable[np.ndarray],
+    *,
+    progress: bool = False,
+    source: str = "",
+) -> LayerMap:
+    """Calibrates a `LayerMap` on token sequences (each i32[T], T >= 2, equal lengths compile
+    once) by the mean KL score and the monotone DP."""
+    from tqdm.auto import tqdm
+
+    sequences = [np.asarray(s, np.int32) for s in sequences]
+    if not sequences or min(len(s) for s in sequences) < 2:
+        raise SpecAttnError("calibration needs at least one sequence of 2 or more tokens")
+    if draft.config.vocab_size != verifier.config.vocab_size:
+        raise SpecAttnError("draft and verifier vocabularies differ; they cannot be calibrated")
+    draft_graphdef, draft_state = nnx.split(draft)
+    verifier_graphdef, verifier_state = nnx.split(verifier)
+    total = np.zeros((draft.config.num_hidden_layers, verifier.config.num_hidden_layers))
+    for tokens in tqdm(sequences, desc="calibrating layer map", disable=not progress):
+        total += np.asarray(
+            _sequence_scores(
+                draft_graphdef, draft_state, verifier_graphdef, verifier_state, tokens[None]
+            ),
+            np.float64,
+        )
+    scores = total / len(sequences)
+    return LayerMap(
+        mapping=monotone_layer_map(scores),
+        scores=tuple(tuple(float(x) for x in row) for row in scores),
+        draft_fingerprint=model_fingerprint(draft),
+        verifier_fingerprint=model_fingerprint(verifier),
+        calibration={
+            "sequences": len(sequences),
+            "tokens": int(sum(len(s) for s in sequences)),
+            "source": source,
+        },
+    )

@@ -1,0 +1,52 @@
+"""The selector interface: one small dataclass per method, one `plan` method each.
+
+Every method (SpecAttn and the baselines) turns what it may legitimately see at decode time
+into an `AttentionPlan` for the verifier's forward: per verifier layer, a compacted block
+list (or a `query_selector` that computes one inside the layer from that layer's queries).
+One sparse attention kernel then reads exactly those blocks, so every method is measured on
+the same path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import jax
+
+from specattn_jax.attention import AttentionPlan
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SelectionInputs:
+    """What a selector may look at before a verify forward.
+
+    Attributes:
+      context_lengths: i32[B] cache positions before the new tokens (the candidates).
+      draft_attention: f32[A, L_d, B, S] the draft's head-mean attention of its A drafting
+        queries over the cache positions, or None when no draft ran.
+      num_layers: verifier layers (static).
+      cache_size: S, positions per sequence (static).
+    """
+
+    context_lengths: jax.Array  # i32[B]
+    draft_attention: jax.Array | None  # f32[A, L_d, B, S]
+    num_layers: int = dataclasses.field(metadata=dict(static=True))
+    cache_size: int = dataclasses.field(metadata=dict(static=True))
+
+
+class Selector(Protocol):
+    """A KV selection method."""
+
+    granularity: int
+    needs_draft_attention: bool
+
+    def plan(self, inputs: SelectionInputs) -> AttentionPlan | None:
+        """The verifier's attention plan for one forward (None: dense everywhere)."""
+        ...
+
+
+def sparse_layer_flags(num_layers: int, dense_layers: int) -> tuple[bool, ...]:
+    """Per verifier layer, whether it reads sparsely: all but the first `dense_layers`."""
+    return tuple(layer >= dense_layers for layer in range(num_layers))

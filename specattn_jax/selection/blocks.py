@@ -1,0 +1,65 @@
+"""Block lists: the compacted, padded KV index lists every selector produces.
+
+A selection at `granularity` g is, per row, the ascending ids of the selected blocks (block
+i covers positions [i * g, (i + 1) * g)) compacted to the front of an i32[N] array, padded
+with 0 (always in bounds, never read past the count), and the count.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+PAD_BLOCK = 0
+
+
+def num_blocks(cache_size: int, granularity: int) -> int:
+    """Blocks covering `cache_size` positions."""
+    return -(-cache_size // granularity)
+
+
+def compact_blocks(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(i32[..., N] ascending ids of the True entries compacted to the front, padded with
+    PAD_BLOCK; i32[...] counts) from bool[..., N], by a prefix sum (no sort)."""
+    num = mask.shape[-1]
+    counts = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    slots = jnp.where(mask, jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, num)
+    ids = jnp.broadcast_to(jnp.arange(num, dtype=jnp.int32), mask.shape)
+    flat_slots = slots.reshape(-1, num)
+    flat_ids = ids.reshape(-1, num)
+    rows = jnp.arange(flat_slots.shape[0])[:, None]
+    compacted = jnp.full(flat_slots.shape, PAD_BLOCK, jnp.int32)
+    compacted = compacted.at[rows, flat_slots].set(flat_ids, mode="drop")
+    return compacted.reshape(mask.shape), counts
+
+
+def blocks_to_mask(block_indices: jax.Array, block_counts: jax.Array, num: int) -> jax.Array:
+    """bool[..., num]: which blocks a (indices i32[..., N], counts i32[...]) list selects."""
+    valid = jnp.arange(block_indices.shape[-1]) < block_counts[..., None]
+    flat_indices = jnp.where(valid, block_indices, num).reshape(-1, block_indices.shape[-1])
+    rows = jnp.arange(flat_indices.shape[0])[:, None]
+    mask = (
+        jnp.zeros((flat_indices.shape[0], num), bool).at[rows, flat_indices].set(True, mode="drop")
+    )
+    return mask.reshape(*block_indices.shape[:-1], num)
+
+
+def positions_to_block_mask(position_mask: jax.Array, granularity: int) -> jax.Array:
+    """bool[..., S / g]: a block is selected if any of its positions is (S divisible by g)."""
+    *lead, size = position_mask.shape
+    return position_mask.reshape(*lead, size // granularity, granularity).any(axis=-1)
+
+
+def add_forced_blocks(
+    block_indices: jax.Array,  # i32[..., N]
+    block_counts: jax.Array,  # i32[...]
+    forced: jax.Array,  # bool[..., N]
+) -> tuple[jax.Array, jax.Array]:
+    """The union of a block list with the `forced` blocks (sinks, recent windows)."""
+    mask = blocks_to_mask(block_indices, block_counts, block_indices.shape[-1]) | forced
+    return compact_blocks(mask)
+
+
+def sink_blocks(num: int, sinks: int, granularity: int) -> jax.Array:
+    """bool[num]: the blocks holding the first `sinks` positions."""
+    return jnp.arange(num) * granularity < sinks

@@ -1,0 +1,89 @@
+"""SpecAttn's selector: the draft's attention, mapped layer to layer, picks the KV entries.
+
+For every verifier layer j past the first `dense_layers`, the draft layer f(j) of the layer
+map supplies its head-mean attention rows of the gamma drafting queries; each row keeps its
+top-p set (the smallest set with at least `attn_p` of the row's context mass, found by the
+sorting-free threshold search), and the block list is the union over the gamma rows (the
+paper's rule; `aggregate="mean"` averages the rows first and selects once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels
+from specattn_jax.attention import AttentionPlan
+from specattn_jax.errors import SpecAttnError
+from specattn_jax.selection.base import SelectionInputs, sparse_layer_flags
+from specattn_jax.selection.blocks import add_forced_blocks, sink_blocks
+
+AGGREGATES = ("union", "mean")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SpecAttnSelector:
+    """Attributes:
+    attn_p: f32[] attention mass to keep per row, in (0, 1] (an array: no recompiles).
+    mapping: verifier layer -> draft layer (static).
+    granularity: tokens per block read (static).
+    dense_layers: leading verifier layers that stay dense (static).
+    aggregate: "union" of per-query selections, or "mean" of the rows then one (static).
+    sinks: leading positions always read (static).
+    backend: "auto", "pallas" or "reference" for the top-p kernel (static).
+    """
+
+    attn_p: jax.Array
+    mapping: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    granularity: int = dataclasses.field(default=1, metadata=dict(static=True))
+    dense_layers: int = dataclasses.field(default=2, metadata=dict(static=True))
+    aggregate: str = dataclasses.field(default="union", metadata=dict(static=True))
+    sinks: int = dataclasses.field(default=0, metadata=dict(static=True))
+    backend: str = dataclasses.field(default="auto", metadata=dict(static=True))
+
+    needs_draft_attention = True
+
+    def plan(self, inputs: SelectionInputs) -> AttentionPlan | None:
+        sparse_layers = sparse_layer_flags(len(self.mapping), self.dense_layers)
+        if not any(sparse_layers):
+            return None
+        used = sorted({self.mapping[j] for j, sparse in enumerate(sparse_layers) if sparse})
+        weights = inputs.draft_attention[:, jnp.array(used)]  # [A, U, B, S]
+        weights = weights.transpose(2, 1, 0, 3)  # [B, U, A, S]
+        if self.aggregate == "mean":
+            weights = weights.mean(axis=2, keepdims=True)
+        batch, num_used, num_rows, size = weights.shape
+        rows = batch * num_used
+        _, block_indices, block_counts = pallas_kernels.top_p_select_dispatch(
+            weights.reshape(rows, num_rows, size),
+            jnp.broadcast_to(jnp.asarray(self.attn_p, jnp.float32), (rows,)),
+            jnp.repeat(inputs.context_lengths, num_used),
+            granularity=self.granularity,
+            backend=self.backend,
+        )
+        block_indices = block_indices.reshape(batch, num_used, -1)
+        block_counts = block_counts.reshape(batch, num_used)
+        if self.sinks:
+            forced = sink_blocks(block_indices.shape[-1], self.sinks, self.granularity)
+            block_indices, block_counts = add_forced_blocks(block_indices, block_counts, forced)
+        row_of_layer = jnp.array([used.index(f) if f in used else 0 for f in self.mapping])
+        return AttentionPlan(
+            block_indices=block_indices[:, row_of_layer].transpose(1, 0, 2),  # [L, B, N]
+            block_counts=block_counts[:, row_of_layer].T,  # [L, B]
+            granularity=self.granularity,
+            sparse_layers=sparse_layers,
+        )
+
+
+def check_granularity(granularity: int, cache_size: int) -> None:
+    """Raises unless `granularity` is a supported block size dividing the cache size."""
+    if granularity not in (1, 16, 32, 64):
+        raise SpecAttnError(f"granularity={granularity} must be one of 1, 16, 32, 64")
+    if cache_size % granularity:
+        raise SpecAttnError(
+            f"granularity={granularity} does not divide the cache size {cache_size}; "
+            f"use a cache size that is a multiple of it"
+        )

@@ -1,0 +1,116 @@
+"""Layer mapping: the monotone DP is optimal; KL scores; JSON round trip; plot; bad maps."""
+
+import itertools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from specattn_jax.errors import SpecAttnError
+from specattn_jax.layer_map import (
+    LayerMap,
+    attention_kl_scores,
+    calibrate,
+    model_fingerprint,
+    monotone_layer_map,
+)
+from specattn_jax.testing import tiny_llama
+
+
+def _brute_force_best(scores: np.ndarray) -> float:
+    num_draft, num_verifier = scores.shape
+    return max(
+        sum(scores[i, j] for j, i in enumerate(mapping))
+        for mapping in itertools.combinations_with_replacement(range(num_draft), num_verifier)
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    arrays(
+        np.float64,
+        st.tuples(st.integers(1, 4), st.integers(1, 6)),
+        elements=st.floats(-10, 0, allow_nan=False),
+    )
+)
+def test_dp_equals_brute_force(scores):
+    mapping = monotone_layer_map(scores)
+    assert len(mapping) == scores.shape[1]
+    assert all(a <= b for a, b in itertools.pairwise(mapping))
+    total = sum(scores[i, j] for j, i in enumerate(mapping))
+    assert total == pytest.approx(_brute_force_best(scores), rel=1e-12, abs=1e-12)
+
+
+def test_dp_follows_the_diagonal_when_it_is_best():
+    scores = -np.ones((3, 6))
+    for j, i in enumerate([0, 0, 1, 1, 2, 2]):
+        scores[i, j] = 0.0
+    assert monotone_layer_map(scores) == (0, 0, 1, 1, 2, 2)
+
+
+def test_kl_scores_match_direct_computation():
+    rng = np.random.default_rng(0)
+    draft = rng.dirichlet(np.ones(7), size=(2, 5)).astype(np.float32)  # [L_d, T, S]
+    verifier = rng.dirichlet(np.ones(7), size=(3, 5)).astype(np.float32)
+    expected = np.array(
+        [
+            [
+                -np.mean(np.sum(verifier[j] * np.log(verifier[j] / draft[i]), axis=-1))
+                for j in range(3)
+            ]
+            for i in range(2)
+        ]
+    )
+    np.testing.assert_allclose(attention_kl_scores(draft, verifier), expected, rtol=1e-5)
+    assert np.all(np.asarray(attention_kl_scores(verifier, verifier)).diagonal() > -1e-5)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_llama(seed=1, num_layers=2), tiny_llama(seed=2, num_layers=4)
+
+
+def test_calibrate_save_load_and_plot(pair, tmp_path):
+    draft, verifier = pair
+    sequences = [np.random.default_rng(s).integers(0, 128, 24) for s in range(3)]
+    layer_map = calibrate(draft, verifier, sequences, source="random tokens")
+    assert len(layer_map.mapping) == 4 and max(layer_map.mapping) < 2
+    assert np.array(layer_map.scores).shape == (2, 4)
+    assert np.all(np.array(layer_map.scores) <= 1e-6)  # -KL <= 0
+    assert layer_map.mapping == monotone_layer_map(np.array(layer_map.scores))
+    loaded = LayerMap.load(layer_map.save(tmp_path / "map.json"))
+    assert loaded == layer_map
+    assert loaded.calibration == {"sequences": 3, "tokens": 72, "source": "random tokens"}
+    loaded.check_fits(draft, verifier)
+    png = layer_map.plot(tmp_path / "map.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_map_for_other_models_is_rejected(pair, tmp_path):
+    draft, verifier = pair
+    layer_map = calibrate(draft, verifier, [np.arange(10) % 128])
+    with pytest.raises(SpecAttnError, match="calibrated for other models"):
+        layer_map.check_fits(draft, tiny_llama(seed=3, num_layers=4))
+    with pytest.raises(SpecAttnError, match="the layer map has 4 entries but the verifier has 2"):
+        layer_map.check_fits(draft, tiny_llama(seed=3, num_layers=2))
+
+
+def test_corrupt_or_non_monotone_map_file_is_rejected(tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SpecAttnError, match="not a valid layer map"):
+        LayerMap.load(tmp_path / "bad.json")
+    bad = LayerMap((1, 0), ((0.0, 0.0), (0.0, 0.0)), "a", "b")
+    bad.save(tmp_path / "down.json")
+    with pytest.raises(SpecAttnError, match="not non-decreasing"):
+        LayerMap.load(tmp_path / "down.json")
+    with pytest.raises(SpecAttnError, match="layer map not found"):
+        LayerMap.load(tmp_path / "missing.json")
+
+
+def test_fingerprint_tells_models_apart():
+    assert model_fingerprint(tiny_llama(seed=1)) == model_fingerprint(tiny_llama(seed=1))
+    assert model_fingerprint(tiny_llama(seed=1)) != model_fingerprint(tiny_llama(seed=2))
+    assert model_fingerprint(tiny_llama(seed=1, dtype=jnp.bfloat16))
