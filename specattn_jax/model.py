@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import pallas_kernels
 from specattn_jax.attention import (
     AttentionPlan,
     ForwardInfo,
@@ -38,6 +39,18 @@ from specattn_jax.cache import KVCache
 from specattn_jax.config import LlamaConfig
 
 _INIT_STD = 0.02
+# Up to this many new tokens per forward (decode and verify), dense layers on GPU use the
+# verify kernel with every block selected instead of XLA's attention over the whole cache.
+MAX_KERNEL_TOKENS = 16
+
+
+def use_dense_kernel(backend: str, num_new: int, return_summary: bool) -> bool:
+    """Whether a dense layer runs the Pallas verify kernel (GPU decode/verify shapes)."""
+    return (
+        pallas_kernels.resolve_backend(backend) == "pallas"
+        and num_new <= MAX_KERNEL_TOKENS
+        and not return_summary
+    )
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = _INIT_STD) -> nnx.Param:
@@ -142,9 +155,15 @@ class Attention(nnx.Module):
         num_new = x.shape[1]
         with jax.named_scope("attention"):
             if plan is None or not plan.sparse_layers[layer_index]:
-                out, summary = dense_attention(
-                    q, k_cache, v_cache, positions, return_summary=return_summary
-                )
+                if use_dense_kernel(backend, num_new, return_summary):
+                    out = pallas_kernels.dense_verify_attention(
+                        q, k_cache, v_cache, context_lengths
+                    )
+                    summary = None
+                else:
+                    out, summary = dense_attention(
+                        q, k_cache, v_cache, positions, return_summary=return_summary
+                    )
                 kv_read = context_lengths + num_new
             else:
                 with jax.named_scope("select"):
