@@ -324,8 +324,8 @@ class Llama(nnx.Module):
         head = self.embed_tokens[...].T if self.config.tie_word_embeddings else self.lm_head[...]
         logits = jnp.einsum("bte,ev->btv", x, head, preferred_element_type=jnp.float32)
         cache = KVCache(
-            k=jnp.stack(new_k),
-            v=jnp.stack(new_v),
+            k=tuple(new_k),
+            v=tuple(new_v),
             lengths=context_lengths + num_tokens.astype(jnp.int32),
         )
         info = ForwardInfo(

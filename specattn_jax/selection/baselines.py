@@ -220,7 +220,7 @@ def calibrate_double_sparsity(
         queries = info.queries[:, 0]  # [L, T, H, D]
         layers, num_tokens, num_heads, head_dim = queries.shape
         grouped = queries.reshape(layers, num_tokens, config.num_key_value_heads, -1, head_dim)
-        keys = cache.k[:, 0, :num_tokens]  # [L, T, H_kv, D]
+        keys = jnp.stack([k[0, :num_tokens] for k in cache.k])  # [L, T, H_kv, D]
         return jnp.abs(grouped * keys[:, :, :, None]).astype(jnp.float32).mean(axis=(1, 3))
 
     total = sum(np.asarray(channel_importance(state, np.asarray(s)[None])) for s in sequences)
