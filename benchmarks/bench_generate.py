@@ -1,0 +1,359 @@
+"""Tokens per second of autoregressive decoding, dense speculative decoding and SpecAttn.
+
+Two parts, each printing a table and writing JSON:
+
+(a) the bundled pair, real text: prompts from the test books, generation timed end to end
+    (one jitted `generate` call per run, warm, median of several runs), with the acceptance
+    rate, tokens per step and measured KV reduction;
+(b) a Llama-2-7B-shaped verifier with a TinyLlama-1.1B-shaped draft, random bf16 weights, at
+    long contexts (4K-32K) whose caches are filled with random keys and values. Random
+    models make acceptance meaningless, so this part times one step split into draft /
+    select / verify (device-timed: many back-to-back calls, one sync) and converts it to
+    tokens/s with the mean accepted length measured in (a); the sparse verify reads the
+    kept fraction measured in (a).
+
+    python benchmarks/bench_generate.py --out results.json [--skip-bundled] [--skip-synthetic]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from specattn_jax.acceptance import GreedyAcceptance
+from specattn_jax.attention import AttentionPlan
+from specattn_jax.cache import KVCache
+from specattn_jax.config import LlamaConfig
+from specattn_jax.model import Llama
+from specattn_jax.selection import SelectionInputs, SpecAttnSelector, sparse_layer_flags
+from specattn_jax.speculative import SpecConfig, draft_tokens, generate
+
+LLAMA2_7B = LlamaConfig(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=32, head_dim=128, torch_dtype="bfloat16",
+    max_position_embeddings=32768,
+)  # fmt: skip
+TINYLLAMA_1B = LlamaConfig(
+    vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+    num_attention_heads=32, num_key_value_heads=4, head_dim=64, torch_dtype="bfloat16",
+    max_position_embeddings=32768,
+)  # fmt: skip
+
+
+def device_time(fn, state, *, calls: int = 10, repeats: int = 5):
+    """Median seconds per call of `state = fn(state)`, timed as `calls` back-to-back
+    dispatches and one sync (the state threads through, so donated buffers stay valid)."""
+    state = jax.block_until_ready(fn(state))  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            state = fn(state)
+        jax.block_until_ready(state)
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times), state
+
+
+# (a) The bundled pair.
+
+
+def bench_bundled(args) -> dict:
+    from specattn_jax.data import load_split_texts
+    from specattn_jax.eval import make_windows
+    from specattn_jax.layer_map import LayerMap, calibrate
+    from specattn_jax.loading import ASSETS, load_pretrained
+
+    dtype = jnp.dtype(args.dtype)
+    verifier, tokenizer = load_pretrained("bundled:verifier", dtype)
+    draft, _ = load_pretrained("bundled:draft", dtype)
+    map_path = ASSETS / "layer_map.json"
+    if map_path.is_file():
+        layer_map = LayerMap.load(map_path)
+    else:
+        calibration = make_windows(tokenizer, load_split_texts("validation"), 512, 8)
+        layer_map = calibrate(draft, verifier, calibration)
+    prompts = make_windows(tokenizer, load_split_texts("test"), args.prompt_len, args.batch)
+    prompts = [list(map(int, p)) for p in prompts]
+    configs = {
+        "autoregressive": None,
+        "speculative": SpecConfig(gamma=args.gamma),
+        "specattn": SpecConfig(
+            gamma=args.gamma,
+            attn_p=args.attn_p,
+            layer_map=layer_map,
+            granularity=args.granularity,
+        ),
+    }
+    rows = {}
+    for name, config in configs.items():
+        run = lambda config=config: generate(  # noqa: E731
+            None if config is None else draft,
+            verifier,
+            prompts,
+            config,
+            max_new_tokens=args.new_tokens,
+            eos_id=None,
+        )
+        result = run()  # compile
+        seconds = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            result = run()
+            seconds.append(time.perf_counter() - start)
+        median = statistics.median(seconds)
+        tokens = sum(len(t) for t in result.tokens)
+        stats = result.stats
+        rows[name] = {
+            "seconds": median,
+            "seconds_all": seconds,
+            "tokens": tokens,
+            "tokens_per_s": tokens / median,
+            "acceptance_rate": stats.get("acceptance_rate"),
+            "tokens_per_step": stats.get("tokens_per_step"),
+            "kv_reduction": stats.get("kv_reduction", 0.0),
+        }
+        print(f"  bundled {name}: {tokens / median:.1f} tokens/s", file=sys.stderr)
+    base = rows["autoregressive"]["tokens_per_s"]
+    for row in rows.values():
+        row["speedup"] = row["tokens_per_s"] / base
+    return {
+        "batch": args.batch,
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "gamma": args.gamma,
+        "attn_p": args.attn_p,
+        "granularity": args.granularity,
+        "dtype": args.dtype,
+        "rows": rows,
+    }
+
+
+# (b) 7B-shaped verifier, 1.1B-shaped draft, random weights, long contexts.
+
+
+def _random_cache(config: LlamaConfig, batch: int, size: int, context: int, key) -> KVCache:
+    shape = (batch, size, config.num_key_value_heads, config.head_dim)
+    keys = jax.random.split(key, 2 * config.num_hidden_layers)
+    k = tuple(jax.random.normal(keys[2 * i], shape, jnp.bfloat16) for i in range(len(keys) // 2))
+    v = tuple(
+        jax.random.normal(keys[2 * i + 1], shape, jnp.bfloat16) for i in range(len(keys) // 2)
+    )
+    return KVCache(k=k, v=v, lengths=jnp.full((batch,), context, jnp.int32))
+
+
+def _random_plan(config, batch, size, context, kept, granularity, dense_layers, key):
+    """A plan reading a random `kept` fraction of each sparse layer's context blocks."""
+    num_blocks = size // granularity
+    context_blocks = -(-context // granularity)
+    count = max(1, round(kept * context_blocks))
+    scores = jax.random.uniform(key, (config.num_hidden_layers, batch, num_blocks))
+    scores = jnp.where(jnp.arange(num_blocks) < context_blocks, scores, -1.0)
+    chosen = jnp.sort(jax.lax.top_k(scores, count)[1], axis=-1).astype(jnp.int32)
+    indices = jnp.pad(chosen, ((0, 0), (0, 0), (0, num_blocks - count)))
+    return AttentionPlan(
+        block_indices=indices,
+        block_counts=jnp.full((config.num_hidden_layers, batch), count, jnp.int32),
+        granularity=granularity,
+        sparse_layers=sparse_layer_flags(config.num_hidden_layers, dense_layers),
+    )
+
+
+def _shrunk(config: LlamaConfig) -> LlamaConfig:
+    """The same architecture at toy size (for a CPU smoke run of this script)."""
+    return dataclasses.replace(
+        config, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=min(config.num_key_value_heads, 2),
+        head_dim=16,
+    )  # fmt: skip
+
+
+def _step_times(verifier, draft, context: int, kept: float, args) -> dict[str, float]:
+    """Median device seconds of one decode step and of a speculative step's parts."""
+    (v_graph, v_params, verifier_config), (d_graph, d_params, draft_config) = verifier, draft
+    gamma, batch, size = args.gamma, 1, context + 64
+    key = jax.random.key(context)
+    tokens = jax.random.randint(key, (batch, gamma + 1), 0, draft_config.vocab_size, jnp.int32)
+    lengths = jnp.full((batch,), context, jnp.int32)
+    num_layers = verifier_config.num_hidden_layers
+    num_draft_layers = draft_config.num_hidden_layers
+
+    def decode(state):
+        model = nnx.merge(v_graph, v_params)
+        logits, cache, _ = model(tokens[:, :1], state[0].with_lengths(lengths))
+        return cache, logits
+
+    def verify(state, plan):
+        model = nnx.merge(v_graph, v_params)
+        logits, cache, _ = model(tokens, state[0].with_lengths(lengths), plan=plan)
+        return cache, logits
+
+    def draft_phase(state):
+        model = nnx.merge(d_graph, d_params)
+        _, _, attention, cache = draft_tokens(
+            model, state[0].with_lengths(lengths - 1), tokens[:, :2], GreedyAcceptance(),
+            key, gamma,
+        )  # fmt: skip
+        return cache, attention
+
+    selector = SpecAttnSelector(
+        attn_p=jnp.float32(args.attn_p),
+        mapping=tuple(j * num_draft_layers // num_layers for j in range(num_layers)),
+        granularity=args.granularity,
+    )
+
+    def select(state):
+        inputs = SelectionInputs(
+            context_lengths=lengths,
+            draft_attention=state[0],
+            num_layers=num_layers,
+            cache_size=size,
+        )
+        return state[0], selector.plan(inputs)
+
+    decode = jax.jit(decode, donate_argnums=0)
+    verify = jax.jit(verify, donate_argnums=0)
+    draft_phase = jax.jit(draft_phase, donate_argnums=0)
+    times = {}
+    v_state = (_random_cache(verifier_config, batch, size, context, key), None)
+    times["decode"], v_state = device_time(decode, v_state, calls=args.calls)
+    d_state = (_random_cache(draft_config, batch, size, context, key), None)
+    times["draft"], d_state = device_time(draft_phase, d_state, calls=args.calls)
+    times["select"], _ = device_time(jax.jit(select), (d_state[1], None), calls=args.calls)
+    plan = _random_plan(verifier_config, batch, size, context, kept, args.granularity, 2, key)
+    times["verify_dense"], v_state = device_time(
+        functools.partial(verify, plan=None), v_state, calls=args.calls
+    )
+    times["verify_sparse"], v_state = device_time(
+        functools.partial(verify, plan=plan), v_state, calls=args.calls
+    )
+    return times
+
+
+def bench_synthetic(args, measured: dict | None) -> dict:
+    gamma, batch = args.gamma, 1
+    verifier_config, draft_config = LLAMA2_7B, TINYLLAMA_1B
+    if args.tiny:
+        verifier_config, draft_config = _shrunk(LLAMA2_7B), _shrunk(TINYLLAMA_1B)
+    verifier = Llama(verifier_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    draft = Llama(draft_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+    v_graph, v_params = nnx.split(verifier)
+    d_graph, d_params = nnx.split(draft)
+    rows = measured["rows"] if measured else {}
+    source = "measured on the bundled pair" if rows else "assumed (bundled part skipped)"
+    kept = 1 - rows["specattn"]["kv_reduction"] if rows else 0.3
+    spec_tps = rows["speculative"]["tokens_per_step"] if rows else (gamma + 1) / 2
+    specattn_tps = rows["specattn"]["tokens_per_step"] if rows else spec_tps
+    results = []
+    for context in args.contexts:
+        times = _step_times(
+            (v_graph, v_params, verifier_config), (d_graph, d_params, draft_config),
+            context, kept, args,
+        )  # fmt: skip
+        step_dense = times["draft"] + times["verify_dense"]
+        step_sparse = times["draft"] + times["select"] + times["verify_sparse"]
+        results.append(
+            {
+                "context": context,
+                **{f"{name}_ms": 1e3 * seconds for name, seconds in times.items()},
+                "tokens_per_s": {
+                    "autoregressive": 1 / times["decode"],
+                    "speculative": spec_tps / step_dense,
+                    "specattn": specattn_tps / step_sparse,
+                },
+            }
+        )
+        print(f"  synthetic {context}: {results[-1]}", file=sys.stderr)
+    return {
+        "verifier": dataclasses.asdict(verifier_config),
+        "draft": dataclasses.asdict(draft_config),
+        "gamma": gamma,
+        "batch": batch,
+        "kept_fraction": kept,
+        "tokens_per_step": {"speculative": spec_tps, "specattn": specattn_tps},
+        "tokens_per_step_source": source,
+        "rows": results,
+    }
+
+
+def print_tables(report: dict) -> None:
+    bundled = report.get("bundled")
+    if bundled:
+        print(
+            f"\nBundled pair, batch {bundled['batch']}, prompt {bundled['prompt_len']} tokens, "
+            f"{bundled['new_tokens']} new tokens, gamma {bundled['gamma']}, {bundled['dtype']}"
+        )
+        print("| decoder | tokens/s | speedup | acceptance | tokens/step | KV reduction |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for name, row in bundled["rows"].items():
+            acceptance = row["acceptance_rate"]
+            print(
+                f"| {name} | {row['tokens_per_s']:.1f} | {row['speedup']:.2f}x | "
+                + (f"{acceptance:.1%}" if acceptance is not None else "-")
+                + f" | {row['tokens_per_step']:.2f} | {row['kv_reduction']:.1%} |"
+            )
+    synthetic = report.get("synthetic")
+    if synthetic:
+        print(
+            f"\nLlama-2-7B-shaped verifier + TinyLlama-1.1B-shaped draft (random bf16 weights), "
+            f"batch 1, gamma {synthetic['gamma']}: per-step latency, and tokens/s at the "
+            f"tokens/step {synthetic['tokens_per_step']} with the sparse verify reading a "
+            f"kept fraction of {synthetic['kept_fraction']:.2f}, both "
+            f"{synthetic['tokens_per_step_source']}"
+        )
+        print(
+            "| context | AR decode ms | draft ms | select ms | dense verify ms | "
+            "sparse verify ms | AR tok/s | spec tok/s | SpecAttn tok/s |"
+        )
+        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for row in synthetic["rows"]:
+            tps = row["tokens_per_s"]
+            print(
+                f"| {row['context']} | {row['decode_ms']:.2f} | {row['draft_ms']:.2f} | "
+                f"{row['select_ms']:.3f} | {row['verify_dense_ms']:.2f} | "
+                f"{row['verify_sparse_ms']:.2f} | {tps['autoregressive']:.1f} | "
+                f"{tps['speculative']:.1f} | {tps['specattn']:.1f} |"
+            )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench_generate.json")
+    parser.add_argument("--skip-bundled", action="store_true")
+    parser.add_argument("--skip-synthetic", action="store_true")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt-len", type=int, default=1024)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--gamma", type=int, default=4)
+    parser.add_argument("--attn-p", type=float, default=0.97)
+    parser.add_argument("--granularity", type=int, default=16)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--tiny", action="store_true", help="toy model sizes (CPU smoke run)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument(
+        "--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 16384, 32768]
+    )
+    args = parser.parse_args(argv)
+    report = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+    if not args.skip_bundled:
+        report["bundled"] = bench_bundled(args)
+    if not args.skip_synthetic:
+        report["synthetic"] = bench_synthetic(args, report.get("bundled"))
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"device: {report['device']}, jax {report['jax']}")
+    print_tables(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
