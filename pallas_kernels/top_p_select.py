@@ -61,11 +61,12 @@ class BlockSizes:
     """Tiling of `top_p_select`.
 
     Attributes:
-      block_s: positions per tile of the threshold kernel; a row of at most `block_s` positions
-        stays in registers for all bisection steps, a longer one is streamed per step.
+      block_s: positions per tile of the threshold kernel's float pass; a row of at most
+        `block_s` positions stays in registers for all bisection steps, a longer one is
+        re-read (from L2) at every step. The exact-sum pass streams tiles of at most 2048.
       block_c: positions per tile of the compaction kernel (at least one block of `g`).
-      num_warps: warps per program of the threshold kernel.
-      num_warps_compact: warps per program of the compaction kernel.
+      num_warps: warps per program of the threshold kernel (one program per (r, a) row).
+      num_warps_compact: warps per program of the compaction kernel (one per output row).
     """
 
     block_s: int = 8192
@@ -75,9 +76,12 @@ class BlockSizes:
 
     @classmethod
     def get_default(cls, seq_len: int) -> BlockSizes:
-        block_s = min(next_power_of_2(seq_len), 16384)
-        num_warps = 4 if block_s <= 1024 else (8 if block_s <= 4096 else 16)
-        return cls(block_s=max(block_s, 16), num_warps=num_warps)
+        """Rows up to 32K stay in registers (32 per thread at most); longer ones stream."""
+        block_s = max(16, next_power_of_2(seq_len))
+        if block_s > 32768:
+            block_s = 8192
+        num_warps = min(32, max(4, block_s // 1024))
+        return cls(block_s=block_s, num_warps=num_warps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +184,7 @@ def _bisect(row_max, pred, num_iters):
         return (
             jnp.where(take, mid, lo),
             jnp.where(take, hi, mid),
-            jnp.maximum(ever_false, jnp.where(take, 0, 1)),
+            jnp.maximum(ever_false, jnp.logical_not(take).astype(jnp.int32)),
         )
 
     zero = jnp.zeros_like(row_max)
@@ -198,56 +202,53 @@ def top_p_threshold_kernel(
     theta_ref,  # [1] output
     *,
     block_s: int,
+    exact_tile: int,
     num_iters: int,
     force_exact: bool,
 ):
     seq_len = w_ref.shape[0]
     length = jnp.minimum(length_ref[0], seq_len)
     p = p_ref[0]
-    resident = seq_len <= block_s
-    lanes = jnp.arange(block_s, dtype=jnp.int32)
 
-    def load(start):
-        offsets = start + lanes
+    def load(start, size):
+        offsets = start + jnp.arange(size, dtype=jnp.int32)
         valid = offsets < length
-        return pltriton.load(w_ref.at[offsets], mask=valid, other=0.0).astype(jnp.float32), valid
+        w = pltriton.load(w_ref.at[offsets], mask=valid, other=0.0)
+        return w.astype(jnp.float32)
 
-    if resident:
-        w_all, valid_all = load(0)
+    def row_reduce(tile_fn, init, size):
+        """Folds tile_fn(w_tile, acc) over the row's valid tiles of `size` positions."""
+        num_tiles = cdiv_dynamic(length, size)
+        return lax.fori_loop(0, num_tiles, lambda i, acc: tile_fn(load(i * size, size), acc), init)
 
-    def row_reduce(tile_fn, init):
-        """Folds tile_fn(w_tile, valid_tile, acc) over the row's valid tiles."""
-        if resident:
-            return tile_fn(w_all, valid_all, init)
-        num_tiles = cdiv_dynamic(length, block_s)
-        return lax.fori_loop(
-            0, num_tiles, lambda i, acc: tile_fn(*load(i * block_s), acc), init
-        )
+    # The float pass keeps a row of at most block_s positions in registers across all steps.
+    if seq_len <= block_s:
+        w_resident = load(0, block_s)
 
-    def max_and_sum(w, valid, acc):
-        del valid
+        def fast_reduce(tile_fn, init):
+            return tile_fn(w_resident, init)
+
+    else:
+
+        def fast_reduce(tile_fn, init):
+            return row_reduce(tile_fn, init, block_s)
+
+    def max_and_sum(w, acc):
         return jnp.maximum(acc[0], jnp.max(w)), acc[1] + jnp.sum(w)
 
-    row_max, row_sum = row_reduce(max_and_sum, (jnp.float32(0.0), jnp.float32(0.0)))
+    row_max, row_sum = fast_reduce(max_and_sum, (jnp.float32(0.0), jnp.float32(0.0)))
     inv_units, magics = _row_units(row_max)
 
     def limb_sums(w, thresholds):
-        """Integer limb sums (top first) of w >= t for each t, in exact tiles of float sums."""
+        """Integer limb sums (top first) of w >= t for each t; float sums of one exact tile."""
         limbs = _limbs(w, magics)
-        out = []
-        for t in thresholds:
-            keep = w >= t
-            sums = []
-            for limb, inv_unit in zip(limbs, inv_units, strict=True):
-                kept = jnp.where(keep, limb, 0.0)
-                if w.shape[0] > _EXACT_TILE:
-                    kept = kept.reshape(w.shape[0] // _EXACT_TILE, _EXACT_TILE)
-                    tile_sums = (jnp.sum(kept, axis=1) * inv_unit).astype(jnp.int32)
-                    sums.append(jnp.sum(tile_sums))
-                else:
-                    sums.append((jnp.sum(kept) * inv_unit).astype(jnp.int32))
-            out.append(sums)
-        return out
+        return [
+            [
+                (jnp.sum(jnp.where(w >= t, limb, 0.0)) * inv_unit).astype(jnp.int32)
+                for limb, inv_unit in zip(limbs, inv_units, strict=True)
+            ]
+            for t in thresholds
+        ]
 
     def add_sums(acc, new):
         return [[a + b for a, b in zip(x, y, strict=True)] for x, y in zip(acc, new, strict=True)]
@@ -255,7 +256,9 @@ def top_p_threshold_kernel(
     def exact_sums(thresholds):
         zero = jnp.int32(0)
         init = [[zero, zero, zero] for _ in thresholds]
-        return row_reduce(lambda w, valid, acc: add_sums(acc, limb_sums(w, thresholds)), init)
+        return row_reduce(
+            lambda w, acc: add_sums(acc, limb_sums(w, thresholds)), init, exact_tile
+        )
 
     def exact_bisection(target):
         def pred(mid):
@@ -272,9 +275,8 @@ def top_p_threshold_kernel(
         target_f = p * row_sum
 
         def fast_pred(mid):
-            kept = row_reduce(
-                lambda w, valid, acc: acc + jnp.sum(jnp.where(w >= mid, w, 0.0)),
-                jnp.float32(0.0),
+            kept = fast_reduce(
+                lambda w, acc: acc + jnp.sum(jnp.where(w >= mid, w, 0.0)), jnp.float32(0.0)
             )
             return kept >= target_f
 
@@ -358,7 +360,11 @@ def _top_p_thresholds(
 ):
     num_rows, seq_len = weights.shape
     kernel = functools.partial(
-        top_p_threshold_kernel, block_s=block_s, num_iters=num_iters, force_exact=force_exact
+        top_p_threshold_kernel,
+        block_s=block_s,
+        exact_tile=min(block_s, _EXACT_TILE // 2),
+        num_iters=num_iters,
+        force_exact=force_exact,
     )
     theta = pl.pallas_call(
         kernel,
