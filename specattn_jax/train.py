@@ -110,10 +110,10 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise SpecAttnError(f"{name}={getattr(self, name)} must be at least 1")
         if self.warmup_steps >= self.steps:
-            raise SpecAttnError(f"warmup_steps={self.warmup_steps} must be below steps={self.steps}")
-        if self.time_budget_s is not None and not (
-            0 < self.calibration_steps <= self.warmup_steps
-        ):
+            raise SpecAttnError(
+                f"warmup_steps={self.warmup_steps} must be below steps={self.steps}"
+            )
+        if self.time_budget_s is not None and not (0 < self.calibration_steps <= self.warmup_steps):
             raise SpecAttnError(
                 f"a time budget needs 0 < calibration_steps={self.calibration_steps} <= "
                 f"warmup_steps={self.warmup_steps}"
@@ -341,9 +341,7 @@ class _Steps:
 
     def compile(self, params, opt_state):
         """Compiles the train step, falling back from cuDNN to XLA attention if refused."""
-        tokens = jax.ShapeDtypeStruct(
-            (self.config.batch_size, self.config.seq_len + 1), jnp.int32
-        )
+        tokens = jax.ShapeDtypeStruct((self.config.batch_size, self.config.seq_len + 1), jnp.int32)
         lr = jax.ShapeDtypeStruct((), jnp.float32)
         try:
             self.train_step = self.train_step.lower(params, opt_state, tokens, lr).compile()
@@ -352,7 +350,9 @@ class _Steps:
                 raise
             print(f"cuDNN attention unavailable ({type(e).__name__}: {e}); using XLA's", flush=True)
             self.attention = "xla"
-            self.train_step = jax.jit(self._train_step).lower(params, opt_state, tokens, lr).compile()
+            self.train_step = (
+                jax.jit(self._train_step).lower(params, opt_state, tokens, lr).compile()
+            )
 
 
 def evaluate(
@@ -470,8 +470,14 @@ def train(
     }
     total_steps = tc.steps
     best = (math.inf, params, 0)
-    bar = tqdm(total=total_steps, unit="step", disable=not progress, mininterval=2.0,
-               dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(
+        total=total_steps,
+        unit="step",
+        disable=not progress,
+        mininterval=2.0,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
     interval_losses, interval_start, calib_start = [], time.perf_counter(), None
     train_time = 0.0
     step = 0
@@ -635,7 +641,9 @@ def report_pair(
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else Path(verifier_dir)
     stream = tokenize_split(split, data_dir, tokenizer_dir, token_cache_dir)
     report = compare_pair(
-        load_hf_model(draft_dir), load_hf_model(verifier_dir), eval_windows(stream, seq_len, windows)
+        load_hf_model(draft_dir),
+        load_hf_model(verifier_dir),
+        eval_windows(stream, seq_len, windows),
     )
     return {"split": split, "seq_len": seq_len, **report}
 
@@ -651,10 +659,33 @@ def plot_history(histories: dict[str, dict], path: str | Path) -> Path:
     for (name, history), color in zip(histories.items(), ("C0", "C1", "C2", "C3"), strict=False):
         per_step = history["train_config"]["batch_size"] * history["train_config"]["seq_len"]
         train_rows, eval_rows = history["train"], history["eval"]
-        ax.plot([r["step"] * per_step / 1e6 for r in train_rows], [r["loss"] for r in train_rows],
-                color=color, alpha=0.6, lw=1, label=f"{name} train")
-        ax.plot([r["step"] * per_step / 1e6 for r in eval_rows],
-                [r["val_loss"] for r in eval_rows], "o-", color=color, ms=3, label=f"{name} val")
+        ax.plot(
+            [r["step"] * per_step / 1e6 for r in train_rows],
+            [r["loss"] for r in train_rows],
+            color=color,
+            alpha=0.6,
+            lw=1,
+            label=f"{name} train",
+        )
+        ax.plot(
+            [r["step"] * per_step / 1e6 for r in eval_rows],
+            [r["val_loss"] for r in eval_rows],
+            "o-",
+            color=color,
+            ms=3,
+            label=f"{name} val",
+        )
+        chosen = [r for r in eval_rows if r["step"] == history.get("final", {}).get("chosen_step")]
+        if chosen:
+            ax.plot(
+                chosen[0]["step"] * per_step / 1e6,
+                chosen[0]["val_loss"],
+                "*",
+                color=color,
+                ms=14,
+                mec="black",
+                label=f"{name} shipped (step {chosen[0]['step']})",
+            )
     ax.set_xlabel("tokens seen (millions)")
     ax.set_ylabel("next-token loss (nats)")
     ax.set_ylim(top=min(ax.get_ylim()[1], 7.0))
@@ -678,6 +709,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override train.steps")
     parser.add_argument("--seed", type=int, default=None, help="override train.seed")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds of steps")
+    parser.add_argument("--no-time-budget", action="store_true", help="run exactly `steps`")
     parser.add_argument("--attention", choices=_ATTENTION_CHOICES, default=None)
     args = parser.parse_args(argv)
     train_config, model_config = load_run_config(args.config)
@@ -688,6 +720,8 @@ def main(argv: list[str] | None = None) -> None:
         "attention": args.attention,
     }
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.no_time_budget:
+        overrides["time_budget_s"] = None
     train_config = dataclasses.replace(train_config, **overrides)
     result = train(
         train_config,

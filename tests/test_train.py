@@ -17,7 +17,7 @@ from convert.orbax_io import load_orbax
 from specattn_jax.config import LlamaConfig
 from specattn_jax.data import load_split_texts, split_books
 from specattn_jax.loading import load_pretrained
-from specattn_jax.model import count_params
+from specattn_jax.model import count_params, forward
 from specattn_jax.testing import tiny_hf_config
 from specattn_jax.tokenizer_training import BOS_ID, EOS_ID, save_tokenizer, train_bpe
 from specattn_jax.train import (
@@ -48,7 +48,9 @@ def _book(seed: int, sentences: int = 400) -> str:
     for _ in range(sentences):
         subject = f"the {rng.choice(adjectives)} {rng.choice(nouns)}"
         obj = f"{rng.choice(['the', 'a'])} {rng.choice(nouns)}"
-        lines.append(f"{subject.capitalize()} {rng.choice(verbs)} {obj} {rng.choice(_WORDS[17:21])} night.")
+        lines.append(
+            f"{subject.capitalize()} {rng.choice(verbs)} {obj} {rng.choice(_WORDS[17:21])} night."
+        )
     return "\n".join(" ".join(lines[i : i + 4]) for i in range(0, len(lines), 4)) + "\n"
 
 
@@ -63,7 +65,9 @@ def corpus(tmp_path_factory) -> Path:
         name = f"pg{i}.txt"
         (root / name).write_text(text)
         digest = hashlib.sha256(text.encode()).hexdigest()
-        rows.append(f"{name}\t{i}\tBook {i}\tAuthor\t{len(text)}\t{digest}\t{split}\tsynthetic\tnone")
+        rows.append(
+            f"{name}\t{i}\tBook {i}\tAuthor\t{len(text)}\t{digest}\t{split}\tsynthetic\tnone"
+        )
     (root / "MANIFEST.tsv").write_text("\n".join(rows) + "\n")
     return root
 
@@ -78,14 +82,14 @@ TINY_MODEL = LlamaConfig.from_hf({**tiny_hf_config(vocab_size=320), "max_positio
 TINY_TRAIN = TrainConfig(
     seq_len=32,
     batch_size=4,
-    steps=40,
+    steps=30,
     warmup_steps=5,
     peak_lr=1e-2,
-    eval_every=20,
+    eval_every=15,
     eval_windows=4,
     final_eval_windows=8,
     log_every=5,
-    checkpoint_every=20,
+    checkpoint_every=15,
     attention="xla",
 )
 
@@ -162,12 +166,17 @@ def test_learning_rate_schedule():
     assert lrs[-1] == pytest.approx(0.1 * config.peak_lr, rel=1e-2)
 
 
-@pytest.mark.parametrize("layout", [dict(num_kv_heads=2), dict(num_kv_heads=1, tie_word_embeddings=True)], ids=["gqa", "mqa-tied"])
+@pytest.mark.parametrize(
+    "layout",
+    [dict(num_kv_heads=2), dict(num_kv_heads=1, tie_word_embeddings=True)],
+    ids=["gqa", "mqa-tied"],
+)
 def test_training_forward_matches_the_cached_forward(layout):
     config = LlamaConfig.from_hf(tiny_hf_config(**layout))
     model = init_model(config, seed=1)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 24)), jnp.int32)
-    reference, _, _ = model(tokens, model.init_cache(2, 24))
+    graphdef, state = nnx.split(model)
+    reference, _, _ = forward(graphdef, state, tokens, model.init_cache(2, 24))
     np.testing.assert_allclose(causal_lm_logits(model, tokens), reference, rtol=1e-5, atol=1e-5)
 
 
@@ -179,30 +188,55 @@ def test_loss_decreases(two_runs):
     val = [row["val_loss"] for row in history["eval"]]
     assert val[-1] < val[0]
     metrics = two_runs[0].metrics
-    assert metrics["steps"] == 40 and metrics["tokens_seen"] == 40 * 4 * 32
+    assert metrics["steps"] == 30 and metrics["tokens_seen"] == 30 * 4 * 32
     assert metrics["val_ppl"] == pytest.approx(math.exp(metrics["val_loss"]))
     assert metrics["val_ppl"] < 30
 
 
 def test_same_seed_same_run(two_runs):
     first, second = two_runs
-    assert [r["loss"] for r in first.history["train"]] == [r["loss"] for r in second.history["train"]]
-    for a, b in zip(jax.tree.leaves(nnx.state(first.model)), jax.tree.leaves(nnx.state(second.model)), strict=True):
+    assert [r["loss"] for r in first.history["train"]] == [
+        r["loss"] for r in second.history["train"]
+    ]
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(first.model)),
+        jax.tree.leaves(nnx.state(second.model)),
+        strict=True,
+    ):
         np.testing.assert_array_equal(a, b)
 
 
-def test_other_seed_other_run(corpus, tokenizer_dir, tmp_path, two_runs):
-    config = dataclasses.replace(TINY_TRAIN, seed=1, steps=10, eval_every=10)
+def test_other_seed_and_a_time_budget(corpus, tokenizer_dir, tmp_path, two_runs):
+    """Another seed gives another run; a budget too small for any step keeps warmup + 1."""
+    config = dataclasses.replace(
+        TINY_TRAIN, seed=1, steps=10, calibration_steps=2, time_budget_s=1e-9, eval_every=10
+    )
     result = train(config, TINY_MODEL, tmp_path, corpus, tokenizer_dir, progress=False)
     assert result.history["train"][0]["loss"] != two_runs[0].history["train"][0]["loss"]
+    assert result.metrics["steps"] == TINY_TRAIN.warmup_steps + 1
+
+
+def test_split_as_a_datasets_table(corpus):
+    pytest.importorskip("datasets")
+    from specattn_jax.data import load_split_dataset
+
+    table = load_split_dataset("train", corpus, verify=True)
+    assert table.column_names == ["file", "gutenberg_id", "title", "author", "text"]
+    assert table["file"] == ["pg0.txt", "pg1.txt", "pg3.txt"]
+    assert table["text"][1] == (corpus / "pg1.txt").read_text()
 
 
 def test_checkpoints_and_export_load_back(two_runs, tokenizer_dir, tmp_path):
     result = two_runs[0]
     out_dir = Path(result.history["out_dir"])
-    assert sorted(p.name for p in (out_dir / "checkpoints").iterdir()) == ["step_000020", "step_000040"]
-    restored = load_orbax(out_dir / "checkpoints" / "step_000040")
-    for a, b in zip(jax.tree.leaves(nnx.state(restored)), jax.tree.leaves(nnx.state(result.model)), strict=True):
+    assert sorted(p.name for p in (out_dir / "checkpoints").iterdir()) == [
+        "step_000015",
+        "step_000030",
+    ]
+    restored = load_orbax(out_dir / "checkpoints" / "step_000030")
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(restored)), jax.tree.leaves(nnx.state(result.model)), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
     assert json.loads((out_dir / "history.json").read_text())["final"] == result.metrics
 
@@ -211,9 +245,7 @@ def test_checkpoints_and_export_load_back(two_runs, tokenizer_dir, tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert tokenizer.bos_token_id == BOS_ID
     tokens = jnp.asarray([[BOS_ID, 50, 60, 70, 80]], jnp.int32)
-    rounded = causal_lm_logits(
-        nnx.merge(*_bf16_rounded(result.model)), tokens
-    )
+    rounded = causal_lm_logits(nnx.merge(*_bf16_rounded(result.model)), tokens)
     np.testing.assert_allclose(causal_lm_logits(model, tokens), rounded, rtol=1e-5, atol=1e-5)
 
 
