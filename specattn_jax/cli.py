@@ -66,7 +66,7 @@ def _load_pair(args):
     from specattn_jax.speculative import check_compatible
 
     verifier, tokenizer = _load(args.verifier, args.dtype)
-    if not args.draft:
+    if not args.draft or args.draft == "none":
         return None, verifier, tokenizer
     draft, draft_tokenizer = _load(args.draft, args.dtype)
     check_compatible(draft, verifier, draft_tokenizer, tokenizer)
@@ -176,7 +176,8 @@ def cmd_calibrate(args) -> None:
         raise SpecAttnError("calibrate needs --draft")
     if args.seq_len < 2 or args.num_sequences < 1:
         raise SpecAttnError("--seq-len must be >= 2 and --num-sequences >= 1")
-    ids = np.array(_encode(tokenizer, read_text_source(args.text)), np.int32)
+    text = "\n\n".join(load_eval_texts(args.text, args.data_dir))
+    ids = np.array(_encode(tokenizer, text), np.int32)
     count = min(args.num_sequences, len(ids) // args.seq_len)
     if count < 1:
         raise SpecAttnError(
@@ -250,6 +251,13 @@ def cmd_eval_ppl(args) -> None:
     _emit(args, payload, [markdown_table(rows)])
 
 
+def cmd_train(argv: list[str]) -> None:
+    """`specattn train ...`: the training recipe's own options (see --help)."""
+    from specattn_jax import train
+
+    train.main(argv, parser_class=_Parser)
+
+
 def cmd_convert(args) -> None:
     from convert.hf import save_hf_model
     from convert.orbax_io import save_orbax
@@ -271,16 +279,14 @@ def cmd_convert(args) -> None:
     )
 
 
-def _default_demo_model() -> tuple[str, str]:
+def _default_demo_pair() -> tuple[str, str | None]:
     from specattn_jax.loading import ASSETS
 
     if (ASSETS / "verifier" / "config.json").is_file():
-        return "bundled:verifier", "the bundled verifier"
+        return "bundled:verifier", "bundled:draft"
     stories = Path.cwd().parent / "shared" / "models" / "stories260K" / "stories260K.bin"
     if stories.is_file():
-        return str(
-            stories
-        ), f"stories260K from {stories.parent} (the bundled pair is not installed)"
+        return str(stories), None
     raise SpecAttnError(
         "no bundled model is installed and ../shared/models/stories260K is not beside the "
         "current directory; pass --verifier PATH"
@@ -288,30 +294,22 @@ def _default_demo_model() -> tuple[str, str]:
 
 
 def cmd_demo(args) -> None:
-    from specattn_jax.autoregressive import generate_autoregressive
+    from specattn_jax.demo import format_report, run_demo
 
-    source, description = (args.verifier, args.verifier) if args.verifier else _default_demo_model()
-    model, tokenizer = _load(source, args.dtype)
-    prompt = _encode(tokenizer, args.prompt)
-    generate_autoregressive(model, [prompt], max_new_tokens=args.max_new_tokens)  # compile
-    start = time.perf_counter()
-    result = generate_autoregressive(model, [prompt], max_new_tokens=args.max_new_tokens)
-    seconds = time.perf_counter() - start
-    text = tokenizer.decode(prompt + result.tokens[0], skip_special_tokens=True)
-    stats = {**result.stats, "seconds": round(seconds, 3)}
-    _emit(
-        args,
-        {"model": source, "text": text, "tokens": result.tokens[0], "stats": stats},
-        [
-            f"model: {description}",
-            f"prompt: {args.prompt!r}",
-            "",
-            text,
-            "",
-            f"autoregressive: {stats['tokens']} tokens in {stats['steps']} steps, "
-            f"{stats['tokens'] / seconds:.1f} tokens/s (warm)",
-        ],
+    verifier, draft = _default_demo_pair() if not args.verifier else (args.verifier, args.draft)
+    if not args.json:
+        print(f"loading {verifier}" + (f" and {draft}" if draft else "") + " ...", file=sys.stderr)
+    report = run_demo(
+        verifier,
+        draft,
+        prompt=args.prompt,
+        prompt_tokens=args.prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
+        gamma=args.gamma,
+        attn_p=args.attn_p,
+        dtype=_jnp_dtype(args.dtype),
     )
+    _emit(args, report, format_report(report))
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -323,16 +321,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="specattn", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    demo = commands.add_parser("demo", help="generate from a prompt and print the statistics")
+    demo = commands.add_parser(
+        "demo", help="autoregressive vs speculative vs SpecAttn on the bundled pair"
+    )
     demo.add_argument("--verifier", help="checkpoint (default: the bundled verifier)")
-    demo.add_argument("--prompt", default="Once upon a time")
-    demo.add_argument("--max-new-tokens", type=int, default=64)
+    demo.add_argument("--draft", help="draft checkpoint (default: the bundled draft)")
+    demo.add_argument("--prompt", help="prompt text (default: an excerpt of a test book)")
+    demo.add_argument("--prompt-tokens", type=int, default=1024)
+    demo.add_argument("--max-new-tokens", type=int, default=128)
+    demo.add_argument("--gamma", type=int, default=4)
+    demo.add_argument("--attn-p", type=float, default=0.97)
     _add_common(demo)
     demo.set_defaults(run=cmd_demo)
 
     generate = commands.add_parser("generate", help="decode text from a prompt")
     generate.add_argument("--verifier", default="bundled:verifier")
-    generate.add_argument("--draft", help="draft checkpoint (omit for autoregressive decoding)")
+    generate.add_argument(
+        "--draft", default="bundled:draft", help="draft checkpoint; 'none' decodes autoregressively"
+    )
     generate.add_argument("--gamma", type=int, default=4, help="tokens drafted per step")
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
@@ -355,7 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate = commands.add_parser("calibrate", help="calibrate the verifier->draft layer map")
     calibrate.add_argument("--verifier", default="bundled:verifier")
     calibrate.add_argument("--draft", default="bundled:draft")
-    calibrate.add_argument("--text", required=True, help="a text file or a directory of .txt")
+    calibrate.add_argument(
+        "--text", required=True, help="a split name (validation), a .txt file or a directory"
+    )
+    calibrate.add_argument("--data-dir", help="corpus folder (default ../shared/data/gutenberg)")
     calibrate.add_argument("--out", required=True, help="where to write the map (JSON)")
     calibrate.add_argument("--plot", help="also draw the KL heatmap to this PNG")
     calibrate.add_argument("--seq-len", type=int, default=512)
@@ -389,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(evaluate)
     evaluate.set_defaults(run=cmd_eval_ppl)
 
+    trainer = commands.add_parser(
+        "train",
+        help="train a Llama with the project's recipe (see specattn train --config ...)",
+        add_help=False,
+    )
+    trainer.add_argument("train_args", nargs=argparse.REMAINDER)
+
     convert = commands.add_parser("convert", help="convert a checkpoint to HF or orbax format")
     convert.add_argument("src", help="HF directory, orbax directory, llama2.c .bin, or hub id")
     convert.add_argument("dst", help="output directory")
@@ -399,7 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["train"]:  # the recipe parses its own options
+            cmd_train(argv[1:])
+            return 0
         args = build_parser().parse_args(argv)
         args.run(args)
     except SpecAttnError as e:

@@ -698,8 +698,11 @@ def plot_history(histories: dict[str, dict], path: str | Path) -> Path:
     return Path(path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train a Llama on the Gutenberg train books.")
+def main(argv: list[str] | None = None, parser_class=argparse.ArgumentParser) -> None:
+    """`specattn train`: `parser_class` lets the CLI turn usage errors into one line."""
+    parser = parser_class(
+        prog="specattn train", description="Train a Llama on the Gutenberg train books."
+    )
     parser.add_argument("--config", required=True, type=Path, help="JSON {model, train}")
     parser.add_argument("--out-dir", required=True, type=Path)
     parser.add_argument("--data-dir", type=Path, default=None)

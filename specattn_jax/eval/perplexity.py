@@ -86,7 +86,7 @@ def make_windows(
     span several books."""
     per_text = []
     for text in texts:
-        ids = np.asarray(tokenizer(text)["input_ids"], np.int32)
+        ids = np.asarray(tokenizer(text, verbose=False)["input_ids"], np.int32)
         count = len(ids) // window
         per_text.append(ids[: count * window].reshape(count, window))
     rows = []
