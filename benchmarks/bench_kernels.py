@@ -220,8 +220,9 @@ class Bench:
             Shape("llama3-8b", 8, 32768, 5),
             Shape("llama2-7b", 1, 32768, 5),
         ]
-        configs = [
-            (32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3), (64, 4, 4), (32, 4, 2), (128, 4, 3),
+        configs = [  # (block_k, num_warps, num_stages, splits relative to the default)
+            (32, 4, 3, 1), (64, 4, 3, 1), (64, 8, 3, 1), (128, 8, 3, 1),
+            (32, 4, 3, 2), (64, 4, 3, 0.5), (64, 4, 4, 1), (32, 8, 3, 1),
         ]
         if self.smoke:
             shapes, configs = [Shape("llama3-8b", 1, 512, 5)], configs[:2]
@@ -231,29 +232,27 @@ class Bench:
             q, kv, lengths = self.inputs(shape, 1)
             seq_len = shape.context + shape.num_queries
             best = None
-            for block_k, warps, stages in configs:
-                for split_scale in (0.5, 1, 2):
-                    if self.over_budget():
-                        return
-                    splits = _default_splits(shape, block_k, -(-seq_len // 16) * 16)
-                    splits = max(1, int(splits * split_scale))
-                    cfg = pk.SparseVerifyBlockSizes(
-                        block_k=block_k, num_splits=splits, num_warps=warps, num_stages=stages
+            for block_k, warps, stages, split_scale in configs:
+                if self.over_budget():
+                    return
+                splits = _default_splits(shape, block_k, -(-seq_len // 16) * 16)
+                splits = max(1, int(splits * split_scale))
+                cfg = pk.SparseVerifyBlockSizes(
+                    block_k=block_k, num_splits=splits, num_warps=warps, num_stages=stages
+                )
+                indices, counts = pk.dense_block_list(lengths, seq_len, 16)
+                bytes_read = self.kv_bytes(shape, seq_len)
+                try:
+                    t = self.time_jax(
+                        self.ours(16, cfg), [(q, *kv[0], indices, counts, lengths)], bytes_read
                     )
-                    indices, counts = pk.dense_block_list(lengths, seq_len, 16)
-                    bytes_read = self.kv_bytes(shape, seq_len)
-                    try:
-                        t = self.time_jax(
-                            self.ours(16, cfg), [(q, *kv[0], indices, counts, lengths)],
-                            bytes_read,
-                        )
-                    except Exception as e:  # noqa: BLE001
-                        self.fail(f"sweep {shape.name()} {cfg}", e)
-                        continue
-                    self.record(section="sweep", shape=shape.name(), impl="dense_kernel",
-                                config=dataclasses.asdict(cfg), bytes=bytes_read, **t)
-                    if best is None or t["median_s"] < best[1]:
-                        best = (dataclasses.asdict(cfg), t["median_s"])
+                except Exception as e:  # noqa: BLE001
+                    self.fail(f"sweep {shape.name()} {cfg}", e)
+                    continue
+                self.record(section="sweep", shape=shape.name(), impl="dense_kernel",
+                            config=dataclasses.asdict(cfg), bytes=bytes_read, **t)
+                if best is None or t["median_s"] < best[1]:
+                    best = (dataclasses.asdict(cfg), t["median_s"])
             self.log(f"sweep best {shape.name()}: {best}")
 
     def attention_shape(self, shape: Shape, kept_list, granularities, peers=True):
@@ -377,31 +376,40 @@ class Bench:
         except Exception as e:  # noqa: BLE001
             self.fail(f"torch {name}", e)
 
-    def run_attention(self):
+    def attention_plan(self):
+        """(group, shape, kept fractions, granularities, with peers), in priority order."""
         if self.smoke:
-            plan = [(Shape("llama3-8b", 2, 512, 5), [1.0, 0.3], [1, 16], True),
-                    (Shape("llama2-7b", 1, 256, 1), [0.3], [16], True)]
-        else:
-            plan = []
-            for context in (16384, 32768):
-                for batch in (1, 8):
-                    for model in ("llama3-8b", "llama2-7b"):
-                        plan.append((Shape(model, batch, context, 5), [1.0, 0.3, 0.1], [1, 16],
-                                     True))
-            for num_queries in (1, 9):
-                for batch in (1, 8):
-                    for model in ("llama3-8b", "llama2-7b"):
-                        plan.append((Shape(model, batch, 32768, num_queries), [1.0, 0.3], [16],
-                                     True))
+            return [("core", Shape("llama3-8b", 2, 512, 5), [1.0, 0.3], [1, 16], True),
+                    ("queries", Shape("llama2-7b", 1, 256, 1), [0.3], [16], True)]
+        models = ("llama3-8b", "llama2-7b")
+        plan = []
+        for context in (16384, 32768):
             for batch in (1, 8):
-                for model in ("llama3-8b", "llama2-7b"):
-                    plan.append((Shape(model, batch, 131072, 5), [1.0, 0.3, 0.1], [1, 16], True))
+                for model in models:
+                    plan.append(("core", Shape(model, batch, context, 5), [1.0, 0.3, 0.1], [1, 16],
+                                 True))
+        for num_queries in (1, 9):
             for batch in (1, 8):
-                for model in ("llama3-8b", "llama2-7b"):
-                    plan.append((Shape(model, batch, 4096, 5), [1.0, 0.3], [16], True))
-            for batch in (1, 8):
-                plan.append((Shape("llama3-8b", batch, 32768, 5), [0.5], [1, 16], False))
-        for shape, kept, granularities, peers in plan:
+                for model in models:
+                    plan.append(("queries", Shape(model, batch, 32768, num_queries), [1.0, 0.3],
+                                 [16], True))
+        for batch in (1, 8):
+            for model in models:
+                plan.append(("long", Shape(model, batch, 131072, 5), [1.0, 0.3, 0.1], [1, 16],
+                             True))
+        for batch in (1, 8):
+            for model in models:
+                plan.append(("short", Shape(model, batch, 4096, 5), [1.0, 0.3], [16], True))
+        for batch in (1, 8):
+            for model in models:
+                plan.append(("kept", Shape(model, batch, 32768, 5), [0.5], [1, 16], False))
+        return plan
+
+    def run_attention(self):
+        groups = self.args.groups.split(",")
+        for group, shape, kept, granularities, peers in self.attention_plan():
+            if group not in groups:
+                continue
             if self.over_budget():
                 self.log("attention: budget spent, stopping")
                 return
@@ -513,13 +521,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="", help="JSON results path")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds before skipping")
-    parser.add_argument("--sections", default="copy,sweep,attention,topp")
+    parser.add_argument("--sections", default="copy,sweep,topp,attention")
+    parser.add_argument("--groups", default="core,queries,long,short,kept",
+                        help="attention groups to run, in priority order")
     parser.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, interpret mode")
     args = parser.parse_args(argv)
     bench = Bench(args)
     bench.log(f"devices: {jax.devices()}  jax {jax.__version__}")
     sections = args.sections.split(",")
-    for section in ("copy", "sweep", "attention", "topp"):
+    for section in sections:
         if section in sections:
             if bench.over_budget() and section != "copy":
                 bench.log(f"{section}: skipped (budget)")
