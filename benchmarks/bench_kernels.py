@@ -221,8 +221,8 @@ class Bench:
             Shape("llama2-7b", 1, 32768, 5),
         ]
         configs = [  # (block_k, num_warps, num_stages, splits relative to the default)
-            (32, 4, 3, 1), (64, 4, 3, 1), (64, 8, 3, 1), (128, 8, 3, 1),
-            (32, 4, 3, 2), (64, 4, 3, 0.5), (64, 4, 4, 1), (32, 8, 3, 1),
+            (32, 4, 3, 1), (64, 4, 3, 1), (64, 8, 3, 1), (128, 8, 3, 1), (32, 4, 3, 2),
+            (64, 4, 4, 1),
         ]
         if self.smoke:
             shapes, configs = [Shape("llama3-8b", 1, 512, 5)], configs[:2]
