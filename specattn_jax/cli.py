@@ -39,7 +39,7 @@ def _load(source: str, dtype: str):
 def _encode(tokenizer, text: str) -> list[int]:
     if tokenizer is None:
         raise SpecAttnError("the checkpoint has no tokenizer; pass --prompt-ids instead")
-    return list(tokenizer(text)["input_ids"])
+    return list(tokenizer(text, verbose=False)["input_ids"])
 
 
 def _prompt_ids(args, tokenizer) -> list[int]:
@@ -184,7 +184,8 @@ def cmd_calibrate(args) -> None:
             f"{args.text} has {len(ids)} tokens, fewer than one sequence of --seq-len "
             f"{args.seq_len}"
         )
-    sequences = [ids[i * args.seq_len : (i + 1) * args.seq_len] for i in range(count)]
+    stride = len(ids) // count  # spread the sequences over the whole text
+    sequences = [ids[i * stride : i * stride + args.seq_len] for i in range(count)]
     layer_map = calibrate(draft, verifier, sequences, progress=not args.json, source=args.text)
     layer_map.save(args.out)
     if args.plot:

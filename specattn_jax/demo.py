@@ -111,7 +111,8 @@ def format_report(report: dict) -> list[str]:
         f"verifier: {report['verifier']} ({report['verifier_params'] / 1e6:.1f}M parameters)",
     ]
     if report["draft"]:
-        lines.append(f"draft:    {report['draft']} ({report['draft_params'] / 1e6:.1f}M parameters)")
+        millions = report["draft_params"] / 1e6
+        lines.append(f"draft:    {report['draft']} ({millions:.1f}M parameters)")
     lines += [
         f"prompt:   {report['prompt_origin']}, ending ...{report['prompt_tail']!r}",
         "",

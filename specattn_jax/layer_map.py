@@ -156,7 +156,9 @@ class LayerMap:
             raise SpecAttnError(f"{path}: the mapping {layer_map.mapping} is not non-decreasing")
         return layer_map
 
-    def plot(self, path: str | Path, title: str = "KL(A_v[j] || A_d[i])") -> Path:
+    def plot(
+        self, path: str | Path, title: str = "KL(A_v[j] || A_d[i]); squares: the map f(j)"
+    ) -> Path:
         """Saves the KL heatmap (draft layers x verifier layers) with the chosen cells marked."""
         import matplotlib
 
@@ -165,11 +167,11 @@ class LayerMap:
 
         kl = -np.array(self.scores)
         num_draft, num_verifier = kl.shape
-        fig, ax = plt.subplots(figsize=(1.2 + 0.55 * num_verifier, 1.2 + 0.55 * num_draft))
+        fig, ax = plt.subplots(figsize=(2.5 + 0.55 * num_verifier, 1.5 + 0.55 * num_draft))
         image = ax.imshow(kl, cmap="viridis_r", aspect="auto", origin="lower")
         ax.scatter(
             range(num_verifier), self.mapping, marker="s", s=160, facecolors="none",
-            edgecolors="red", linewidths=2, label="f(j)",
+            edgecolors="red", linewidths=2,
         )  # fmt: skip
         ax.set_xlabel("verifier layer j")
         ax.set_ylabel("draft layer i")
@@ -177,7 +179,6 @@ class LayerMap:
         ax.set_yticks(range(num_draft))
         ax.set_title(title)
         fig.colorbar(image, ax=ax, label="KL divergence (nats)")
-        ax.legend(loc="upper left", fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
