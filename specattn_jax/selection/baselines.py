@@ -12,7 +12,7 @@ time, for the same sparse attention path as SpecAttn:
 Our kernel reads one block list per (sequence, layer), shared by the heads, so the
 per-head methods aggregate over heads and query positions the way SpecAttn does: the mean
 over heads and queries of each head's estimated attention distribution. Budgets are
-fractions of the context (`budget` in (0, 1]) and are met exactly (ties broken by position).
+fractions of the context (`budget` in (0, 1]) and are met exactly.
 """
 
 from __future__ import annotations
@@ -41,15 +41,33 @@ def _budget_count(budget: jax.Array, available: jax.Array) -> jax.Array:
     return jnp.minimum(jnp.maximum(count, 1), available)
 
 
-def select_top_k(scores: jax.Array, valid: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+def select_top_k(
+    scores: jax.Array, valid: jax.Array, k: jax.Array, num_iters: int = 32
+) -> tuple[jax.Array, jax.Array]:
     """The k[b] highest-scoring valid entries of each row of f32[B, N], as a block list.
 
-    Ties go to the earlier entry; exactly min(k, valid count) entries are selected.
+    Exactly min(k, valid count) entries are selected; among scores within the search's
+    resolution of the k-th largest, the earlier entries win. Sort-free: a bisection on the
+    threshold (a sort here would also change how XLA compiles the surrounding model).
     """
+    k = jnp.minimum(k, valid.sum(axis=-1))[:, None]
     scores = jnp.where(valid, scores, -jnp.inf)
-    order = jnp.argsort(-scores, axis=-1, stable=True)
-    ranks = jnp.argsort(order, axis=-1)
-    return compact_blocks(valid & (ranks < k[:, None]))
+    finite = jnp.where(valid, scores, 0.0)
+    lo = jnp.min(jnp.where(valid, scores, jnp.inf), axis=-1, keepdims=True)
+    hi = jnp.max(finite, axis=-1, keepdims=True) + 1.0  # count(>= hi) = 0 < k
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) * 0.5
+        enough = jnp.sum(scores >= mid, axis=-1, keepdims=True) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, num_iters, bisect, (jnp.minimum(lo, hi), hi))
+    above = scores >= hi  # fewer than k
+    boundary = (scores >= lo) & ~above
+    room = k - above.sum(axis=-1, keepdims=True)
+    chosen = above | (boundary & (jnp.cumsum(boundary, axis=-1) <= room))
+    return compact_blocks(chosen & valid)
 
 
 def _head_mean_probabilities(scores: jax.Array, context_lengths: jax.Array) -> jax.Array:
