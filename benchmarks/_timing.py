@@ -1,12 +1,13 @@
 """Device-side timing helpers for benchmarks (never one host-synchronised call at a time).
 
 * `loop_time`: a `lax.fori_loop` of calls inside one jit. One (small) argument of each call
-  is perturbed by the loop carry (`+ 0 * carry`), so XLA cannot hoist the call out of the loop,
+  is perturbed by the loop carry (`+ 0 * carry`) and every output element feeds the carry, so
+  XLA can neither hoist the call out of the loop nor skip part of it,
   and several argument sets can be rotated (one call each per iteration) so that repeated
   calls do not find their inputs in L2.
 * `back_to_back_time`: many asynchronous dispatches and one sync (host dispatch must stay
   ahead of the device for this to measure the device; `dispatch_floor` says how fast it is).
-* `torch_time`: a CUDA graph of many calls, replayed and timed with CUDA events.
+* `torch_time`: many eager calls between CUDA events.
 * `copy_bandwidth`: the measured device-to-device ceiling (bytes read + bytes written per
   second), through JAX and through torch.
 
@@ -24,9 +25,10 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def _first_scalar(tree) -> jax.Array:
-    leaf = jax.tree_util.tree_leaves(tree)[0]
-    return leaf.reshape(-1)[0].astype(jnp.float32)
+def _checksum(tree) -> jax.Array:
+    """Sum of every output element: consuming only a slice would let XLA slice through the
+    producer and skip work. (A small extra reduction per call, the same for every peer.)"""
+    return sum(jnp.sum(leaf.astype(jnp.float32)) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def _perturb(x, carry):
@@ -55,7 +57,7 @@ def loop_time(
                 args = list(args)
                 args[perturb] = _perturb(args[perturb], carry)
                 out = fn(*args)
-                carry = carry + _first_scalar(out)
+                carry = carry + _checksum(out)
             return carry
 
         return lax.fori_loop(0, iters, body, jnp.float32(0.0))
@@ -70,7 +72,9 @@ def loop_time(
     return _summary(times, iters=iters * num_sets, method="fori_loop")
 
 
-def back_to_back_time(fn: Callable, arg_sets: Sequence[tuple], *, iters: int, reps: int = 5) -> dict:
+def back_to_back_time(
+    fn: Callable, arg_sets: Sequence[tuple], *, iters: int, reps: int = 5
+) -> dict:
     """Seconds per call of a jitted `fn`, from `iters` asynchronous calls and one sync."""
     for args in arg_sets:
         jax.block_until_ready(fn(*args))
@@ -98,67 +102,71 @@ def loop_overhead(iters: int = 200) -> float:
     return loop_time(lambda x: x * 2.0, [(x,)], iters=iters, reps=3)["median_s"]
 
 
+def jax_copy_time(num_bytes: int, *, iters: int = 20, reps: int = 5) -> float:
+    """Seconds per `x = x + 1` over a bf16 buffer carried through a fori_loop (one full read
+    and one full write per step, in place)."""
+    x = jnp.ones((num_bytes // 2,), jnp.bfloat16)
+    # The barrier keeps XLA from unrolling and fusing steps into one pass.
+    step = lambda _, x: lax.optimization_barrier(x + 1)  # noqa: E731
+    run = jax.jit(lambda x: lax.fori_loop(0, iters, step, x), donate_argnums=0)
+    x = run(x)
+    x.block_until_ready()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        x = run(x)
+        x.block_until_ready()
+        times.append((time.perf_counter() - start) / iters)
+    return statistics.median(times)
+
+
 def torch_time(fn: Callable[[], object], *, calls: int = 20, reps: int = 5) -> dict:
-    """Seconds per call of a torch CUDA callable: a CUDA graph of `calls` calls, replayed
-    `reps` times between CUDA events (falls back to eager calls if capture fails)."""
+    """Seconds per call of a torch CUDA callable: `calls` eager calls back to back between
+    CUDA events, `reps` times. (No CUDA graph capture: capturing while JAX shares the device
+    can leave JAX's stream in an error state.)"""
     import torch
 
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    method = "cuda_graph"
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                fn()
-        replay = graph.replay
-    except Exception:  # noqa: BLE001 - some kernels cannot be captured; time them eagerly
-        method = "cuda_events"
-
-        def replay():
-            for _ in range(calls):
-                fn()
-
-    replay()
-    torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        replay()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / calls)
-    return _summary(times, iters=calls, method=method)
+    return _summary(times, iters=calls, method="cuda_events")
+
+
+def read_bandwidth(num_bytes: int = 2 << 30, *, iters: int = 20) -> float:
+    """Bytes per second of a read-only pass (a sum over a bf16 buffer), for reference."""
+    x = jnp.ones((num_bytes // 2,), jnp.bfloat16)
+    t = loop_time(lambda x: jnp.sum(x, dtype=jnp.float32), [(x,)], iters=iters, reps=5)
+    return num_bytes / t["median_s"]
+
+
+def _torch_copy_time(num_bytes: int) -> float:
+    import torch
+
+    src = torch.ones(num_bytes // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    return torch_time(lambda: dst.copy_(src), calls=20)["median_s"]
 
 
 def copy_bandwidth(num_bytes: int = 2 << 30) -> dict:
     """Device-to-device copy bandwidth, bytes read + written per second.
 
-    jax: `x + 1` on a bf16 buffer (one read, one write, nothing else); torch: `dst.copy_(src)`
-    timed as a CUDA graph. Returns both and their max ("ceiling").
+    jax: an in-place `x + 1` over a bf16 buffer (one read, one write); torch:
+    `dst.copy_(src)` timed with CUDA events. Returns both and their max ("ceiling").
     """
-    n = num_bytes // 2
-    x = jnp.ones((n,), jnp.bfloat16)
-    jax_s = loop_time(lambda x: x + 1, [(x,)], iters=20, reps=5)["median_s"]
+    jax_s = jax_copy_time(num_bytes)
     out = {"bytes": 2 * num_bytes, "jax_s": jax_s, "jax_Bps": 2 * num_bytes / jax_s}
-    del x
     try:
-        import torch
-
-        src = torch.ones(n, dtype=torch.bfloat16, device="cuda")
-        dst = torch.empty_like(src)
-        torch_s = torch_time(lambda: dst.copy_(src), calls=20)["median_s"]
+        torch_s = _torch_copy_time(num_bytes)
         out.update(torch_s=torch_s, torch_Bps=2 * num_bytes / torch_s)
-        del src, dst
-        torch.cuda.empty_cache()
     except Exception as e:  # noqa: BLE001 - torch is optional for the ceiling
         out["torch_error"] = repr(e)[:200]
     out["ceiling_Bps"] = max(v for k, v in out.items() if k.endswith("_Bps"))

@@ -1,17 +1,18 @@
 """Kernel benchmark: sparse and dense verify attention and top-p selection against peers.
 
 Prints a table and writes JSON (never pass/fail). Device-timed (`benchmarks/_timing.py`): a
-`fori_loop` of calls inside one jit for JAX code, a CUDA graph for torch, rotating up to 4
-input sets so that small working sets do not sit in L2. Bandwidth is reported on the bytes
+`fori_loop` of calls inside one jit for JAX code (every output element consumed), CUDA events
+around back-to-back calls for torch, rotating up to 4 input sets so that small working sets
+do not sit in L2. Bandwidth is reported on the bytes
 each implementation must read (K/V rows it touches plus index lists; queries and outputs are
 negligible), against a device-to-device copy measured in the same run.
 
   python benchmarks/bench_kernels.py --out results.json            # on a GPU
   python benchmarks/bench_kernels.py --smoke                        # CPU, tiny, interpret mode
 
-Sections, in priority order (each skipped once --budget seconds have passed): copy, sweep
-(tiling of the dense kernel on a few shapes), attention (Q=5 at 16K/32K, then Q=1/9, 128K,
-4K, more kept fractions), topp (selection vs sort-based top-p and lax.top_k).
+Sections, in priority order (each skipped once --budget seconds have passed): copy, topp
+(selection vs sort-based top-p and lax.top_k), attention (Q=5 at 16K/32K, then Q=1/9, 128K,
+4K, more kept fractions), sweep (tiling of the dense kernel on a few shapes).
 """
 
 from __future__ import annotations
@@ -134,8 +135,9 @@ class Bench:
     def time_jax(self, fn, arg_sets, est_bytes, perturb=0):
         est = est_bytes / 2.5e12 + 10e-6
         iters = self.iters_for(est, len(arg_sets))
-        return _timing.loop_time(fn, arg_sets, iters=iters, reps=1 if self.smoke else 5,
-                                 perturb=perturb)
+        return _timing.loop_time(
+            fn, arg_sets, iters=iters, reps=1 if self.smoke else 5, perturb=perturb
+        )
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -152,8 +154,9 @@ class Bench:
             )
             kv = [
                 tuple(
-                    jax.random.normal(k, (shape.batch, seq_len, num_kv_heads, head_dim),
-                                      jnp.bfloat16)
+                    jax.random.normal(
+                        k, (shape.batch, seq_len, num_kv_heads, head_dim), jnp.bfloat16
+                    )
                     for k in keys[1 + 2 * i : 3 + 2 * i]
                 )
                 for i in range(num_sets)
@@ -191,7 +194,9 @@ class Bench:
 
     def ours(self, granularity, block_sizes=None):
         return functools.partial(
-            pk.sparse_verify_attention, granularity=granularity, block_sizes=block_sizes,
+            pk.sparse_verify_attention,
+            granularity=granularity,
+            block_sizes=block_sizes,
             interpret=self.interpret,
         )
 
@@ -209,6 +214,7 @@ class Bench:
             self.copy = {"ceiling_Bps": 1e10, "note": "smoke"}
             return
         self.copy = _timing.copy_bandwidth(2 << 30)
+        self.copy["read_only_Bps"] = _timing.read_bandwidth(2 << 30)
         self.copy["dispatch_floor_s"] = _timing.dispatch_floor()
         self.copy["loop_overhead_s"] = _timing.loop_overhead()
         self.log(f"copy: {json.dumps(self.copy)}")
@@ -219,10 +225,16 @@ class Bench:
             Shape("llama3-8b", 1, 32768, 5),
             Shape("llama3-8b", 8, 32768, 5),
             Shape("llama2-7b", 1, 32768, 5),
+            Shape("llama2-7b", 8, 32768, 5),
         ]
-        configs = [  # (block_k, num_warps, num_stages, splits relative to the default)
-            (32, 4, 3, 1), (64, 4, 3, 1), (64, 8, 3, 1), (128, 8, 3, 1), (32, 4, 3, 2),
-            (64, 4, 4, 1),
+        configs = [  # (block_k, num_warps, num_stages, splits relative to the default);
+            # block_k None: the default tiling for the shape
+            (None, None, None, 1),
+            (None, None, None, 0.5),
+            (None, None, None, 0.25),
+            (None, None, None, 2),
+            (64, 4, 3, 1),
+            (128, 8, 3, 1),
         ]
         if self.smoke:
             shapes, configs = [Shape("llama3-8b", 1, 512, 5)], configs[:2]
@@ -232,9 +244,17 @@ class Bench:
             q, kv, lengths = self.inputs(shape, 1)
             seq_len = shape.context + shape.num_queries
             best = None
+            num_heads, num_kv_heads, head_dim = shape.heads
+            rows = num_heads // num_kv_heads * shape.num_queries
+            default = pk.SparseVerifyBlockSizes.get_default(
+                rows_per_head=max(16, 1 << (rows - 1).bit_length()), head_dim=head_dim
+            )
             for block_k, warps, stages, split_scale in configs:
                 if self.over_budget():
                     return
+                block_k = block_k or default.block_k
+                warps = warps or default.num_warps
+                stages = stages or default.num_stages
                 splits = _default_splits(shape, block_k, -(-seq_len // 16) * 16)
                 splits = max(1, int(splits * split_scale))
                 cfg = pk.SparseVerifyBlockSizes(
@@ -249,8 +269,14 @@ class Bench:
                 except Exception as e:  # noqa: BLE001
                     self.fail(f"sweep {shape.name()} {cfg}", e)
                     continue
-                self.record(section="sweep", shape=shape.name(), impl="dense_kernel",
-                            config=dataclasses.asdict(cfg), bytes=bytes_read, **t)
+                self.record(
+                    section="sweep",
+                    shape=shape.name(),
+                    impl="dense_kernel",
+                    config=dataclasses.asdict(cfg),
+                    bytes=bytes_read,
+                    **t,
+                )
                 if best is None or t["median_s"] < best[1]:
                     best = (dataclasses.asdict(cfg), t["median_s"])
             self.log(f"sweep best {shape.name()}: {best}")
@@ -275,8 +301,16 @@ class Bench:
             indices, counts = pk.dense_block_list(lengths, seq_len, 16)
             arg_sets = [(q, k, v, indices, counts, lengths) for k, v in sets_for(dense_bytes)]
             t = self.time_jax(self.ours(16), arg_sets, dense_bytes)
-            self.record(section="attention", shape=name, impl="dense_kernel", kept=1.0,
-                        granularity=16, bytes=dense_bytes, sets=len(arg_sets), **t)
+            self.record(
+                section="attention",
+                shape=name,
+                impl="dense_kernel",
+                kept=1.0,
+                granularity=16,
+                bytes=dense_bytes,
+                sets=len(arg_sets),
+                **t,
+            )
         except Exception as e:  # noqa: BLE001
             self.fail(f"dense_kernel {name}", e)
 
@@ -293,9 +327,17 @@ class Bench:
                         indices, counts, _ = self.selection(shape, kept, granularity, seed=1 + i)
                         arg_sets.append((q, k, v, indices, counts, lengths))
                     t = self.time_jax(self.ours(granularity), arg_sets, bytes_read)
-                    self.record(section="attention", shape=name, impl="sparse_kernel", kept=kept,
-                                granularity=granularity, bytes=bytes_read, sets=len(arg_sets),
-                                l2_risk=len(arg_sets) * bytes_read < 2 * L2_BYTES, **t)
+                    self.record(
+                        section="attention",
+                        shape=name,
+                        impl="sparse_kernel",
+                        kept=kept,
+                        granularity=granularity,
+                        bytes=bytes_read,
+                        sets=len(arg_sets),
+                        l2_risk=len(arg_sets) * bytes_read < 2 * L2_BYTES,
+                        **t,
+                    )
                 except Exception as e:  # noqa: BLE001
                     self.fail(f"sparse_kernel {name} kept={kept} g={granularity}", e)
 
@@ -303,8 +345,7 @@ class Bench:
             return
         mask = self.verify_mask(shape)
         jax_peers = {
-            "xla": functools.partial(jax.nn.dot_product_attention, mask=mask,
-                                     implementation="xla"),
+            "xla": functools.partial(jax.nn.dot_product_attention, mask=mask, implementation="xla"),
         }
         if not self.smoke:
             jax_peers["cudnn"] = functools.partial(
@@ -316,17 +357,30 @@ class Bench:
             arg_sets = [(q, k, v) for k, v in sets_for(dense_bytes)]
             try:
                 t = self.time_jax(fn, arg_sets, dense_bytes)
-                self.record(section="attention", shape=name, impl=impl, kept=1.0,
-                            bytes=dense_bytes, sets=len(arg_sets), **t)
+                self.record(
+                    section="attention",
+                    shape=name,
+                    impl=impl,
+                    kept=1.0,
+                    bytes=dense_bytes,
+                    sets=len(arg_sets),
+                    **t,
+                )
             except Exception as e:  # noqa: BLE001
                 self.fail(f"{impl} {name}", e)
                 if impl == "cudnn":  # retry without the mask (same bytes, no causal offset)
                     try:
-                        fn = functools.partial(jax.nn.dot_product_attention,
-                                               implementation="cudnn")
+                        fn = functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
                         t = self.time_jax(fn, arg_sets, dense_bytes)
-                        self.record(section="attention", shape=name, impl="cudnn_nomask",
-                                    kept=1.0, bytes=dense_bytes, sets=len(arg_sets), **t)
+                        self.record(
+                            section="attention",
+                            shape=name,
+                            impl="cudnn_nomask",
+                            kept=1.0,
+                            bytes=dense_bytes,
+                            sets=len(arg_sets),
+                            **t,
+                        )
                     except Exception as e2:  # noqa: BLE001
                         self.fail(f"cudnn_nomask {name}", e2)
         if shape.num_queries == 1 and not self.smoke and not self.over_budget():
@@ -336,12 +390,22 @@ class Bench:
                 fn = jax.jit(lambda q, k, v: decode_attention.gqa(q[:, 0], k, v))
                 arg_sets = [(q, k, v) for k, v in sets_for(dense_bytes)]
                 t = self.time_jax(fn, arg_sets, dense_bytes)
-                self.record(section="attention", shape=name, impl="jax_pallas_decode_gqa",
-                            kept=1.0, bytes=dense_bytes, sets=len(arg_sets), **t)
+                self.record(
+                    section="attention",
+                    shape=name,
+                    impl="jax_pallas_decode_gqa",
+                    kept=1.0,
+                    bytes=dense_bytes,
+                    sets=len(arg_sets),
+                    **t,
+                )
             except Exception as e:  # noqa: BLE001
                 self.fail(f"jax_pallas_decode_gqa {name}", e)
         if not self.smoke and not self.over_budget():
             self.torch_sdpa(shape, q, sets_for(dense_bytes), dense_bytes)
+            import torch
+
+            torch.cuda.empty_cache()
 
     def torch_sdpa(self, shape: Shape, q, kv_sets, dense_bytes):
         name = shape.name()
@@ -352,51 +416,67 @@ class Bench:
 
             seq_len = shape.context + shape.num_queries
             tq = torch.from_dlpack(q).transpose(1, 2)  # [B, H, T, D]
-            tkv = [(torch.from_dlpack(k).transpose(1, 2), torch.from_dlpack(v).transpose(1, 2))
-                   for k, v in kv_sets]
-            for label, mask in (("torch_sdpa", causal_lower_right(shape.num_queries, seq_len)),
-                                ("torch_sdpa_nomask", None)):
+            tkv = [
+                (torch.from_dlpack(k).transpose(1, 2), torch.from_dlpack(v).transpose(1, 2))
+                for k, v in kv_sets
+            ]
+            for label, mask in (
+                ("torch_sdpa", causal_lower_right(shape.num_queries, seq_len)),
+                ("torch_sdpa_nomask", None),
+            ):
                 try:
+
                     def call(mask=mask):
                         for k, v in tkv:
-                            F.scaled_dot_product_attention(tq, k, v, attn_mask=mask,
-                                                           enable_gqa=True)
+                            F.scaled_dot_product_attention(
+                                tq, k, v, attn_mask=mask, enable_gqa=True
+                            )
 
                     t = _timing.torch_time(call, calls=max(2, 20 // len(tkv)))
                     t["median_s"] /= len(tkv)
                     t["min_s"] /= len(tkv)
                     t["max_s"] /= len(tkv)
-                    self.record(section="attention", shape=name, impl=label, kept=1.0,
-                                bytes=dense_bytes, sets=len(tkv), **t)
+                    self.record(
+                        section="attention",
+                        shape=name,
+                        impl=label,
+                        kept=1.0,
+                        bytes=dense_bytes,
+                        sets=len(tkv),
+                        **t,
+                    )
                     break
                 except Exception as e:  # noqa: BLE001
                     self.fail(f"{label} {name}", e)
-            del tq, tkv
-            torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001
             self.fail(f"torch {name}", e)
 
     def attention_plan(self):
         """(group, shape, kept fractions, granularities, with peers), in priority order."""
         if self.smoke:
-            return [("core", Shape("llama3-8b", 2, 512, 5), [1.0, 0.3], [1, 16], True),
-                    ("queries", Shape("llama2-7b", 1, 256, 1), [0.3], [16], True)]
+            return [
+                ("core", Shape("llama3-8b", 2, 512, 5), [1.0, 0.3], [1, 16], True),
+                ("queries", Shape("llama2-7b", 1, 256, 1), [0.3], [16], True),
+            ]
         models = ("llama3-8b", "llama2-7b")
         plan = []
         for context in (16384, 32768):
             for batch in (1, 8):
                 for model in models:
-                    plan.append(("core", Shape(model, batch, context, 5), [1.0, 0.3, 0.1], [1, 16],
-                                 True))
+                    plan.append(
+                        ("core", Shape(model, batch, context, 5), [1.0, 0.3, 0.1], [1, 16], True)
+                    )
         for num_queries in (1, 9):
             for batch in (1, 8):
                 for model in models:
-                    plan.append(("queries", Shape(model, batch, 32768, num_queries), [1.0, 0.3],
-                                 [16], True))
+                    plan.append(
+                        ("queries", Shape(model, batch, 32768, num_queries), [1.0, 0.3], [16], True)
+                    )
         for batch in (1, 8):
             for model in models:
-                plan.append(("long", Shape(model, batch, 131072, 5), [1.0, 0.3, 0.1], [1, 16],
-                             True))
+                plan.append(
+                    ("long", Shape(model, batch, 131072, 5), [1.0, 0.3, 0.1], [1, 16], True)
+                )
         for batch in (1, 8):
             for model in models:
                 plan.append(("short", Shape(model, batch, 4096, 5), [1.0, 0.3], [16], True))
@@ -405,8 +485,8 @@ class Bench:
                 plan.append(("kept", Shape(model, batch, 32768, 5), [0.5], [1, 16], False))
         return plan
 
-    def run_attention(self):
-        groups = self.args.groups.split(",")
+    def run_attention(self, groups=None):
+        groups = groups or self.args.groups.split(",")
         for group, shape, kept, granularities, peers in self.attention_plan():
             if group not in groups:
                 continue
@@ -423,56 +503,99 @@ class Bench:
         for rows, draft_rows, seq_len in cases:
             if self.over_budget():
                 return
-            name = f"R{rows}_A{draft_rows}_S{seq_len // 1024}K"
-            key = jax.random.key(seq_len + rows)
-            logits = jax.random.normal(key, (rows, draft_rows, seq_len), jnp.float32) * 3.0
-            weights = jax.nn.softmax(logits, axis=-1)
-            p = jnp.full((rows,), 0.9, jnp.float32)
-            lengths = jnp.full((rows,), seq_len, jnp.int32)
-            in_bytes = weights.size * 4
-            ref_counts = pk.top_p_exact_reference(weights, p, lengths, granularity=1)[2]
-            k = max(1, int(jnp.median(ref_counts)))
+            self.topp_case(rows, draft_rows, seq_len)
 
-            def sort_mask(w, p, lengths):
-                ordered = -jnp.sort(-w, axis=-1)
-                mass = jnp.cumsum(ordered, axis=-1)
-                cut = jnp.argmax(mass >= p[:, None, None] * mass[..., -1:], axis=-1)
-                theta = jnp.take_along_axis(ordered, cut[..., None], axis=-1)
-                return (w >= theta).any(axis=1)
+    def topp_case(self, rows, draft_rows, seq_len):
+        name = f"R{rows}_A{draft_rows}_S{seq_len // 1024}K"
+        key = jax.random.key(seq_len + rows)
+        logits = jax.random.normal(key, (rows, draft_rows, seq_len), jnp.float32) * 3.0
+        weights = jax.nn.softmax(logits, axis=-1)
+        p = jnp.full((rows,), 0.9, jnp.float32)
+        lengths = jnp.full((rows,), seq_len, jnp.int32)
+        in_bytes = weights.size * 4
+        ref_counts = pk.top_p_exact_reference(weights, p, lengths, granularity=1)[2]
+        k = max(1, int(jnp.median(ref_counts)))
 
-            def top_k_mask(w, p, lengths):
-                values, _ = jax.lax.top_k(w, k)
-                return (w >= values[..., -1:]).any(axis=1)
+        def sort_mask(w, p, lengths):
+            ordered = -jnp.sort(-w, axis=-1)
+            mass = jnp.cumsum(ordered, axis=-1)
+            cut = jnp.argmax(mass >= p[:, None, None] * mass[..., -1:], axis=-1)
+            theta = jnp.take_along_axis(ordered, cut[..., None], axis=-1)
+            return (w >= theta).any(axis=1)
 
-            impls = {
-                "ours_g1": functools.partial(pk.top_p_select, granularity=1,
-                                             interpret=self.interpret),
-                "ours_g16": functools.partial(pk.top_p_select, granularity=16,
-                                              interpret=self.interpret),
-                "sort_mask": sort_mask,
-                "sort_top_p_compacted": functools.partial(pk.top_p_exact_reference,
-                                                          granularity=1),
-                "lax_top_k_mask": top_k_mask,
-                "ours_reference_xla": functools.partial(pk.top_p_select_reference,
-                                                        granularity=1),
-            }
-            for impl, fn in impls.items():
-                if self.over_budget():
-                    return
-                try:
-                    t = self.time_jax(fn, [(weights, p, lengths)], in_bytes, perturb=1)
-                    self.record(section="topp", shape=name, impl=impl, bytes=in_bytes,
-                                top_k=k if "top_k" in impl else None, **t)
-                except Exception as e:  # noqa: BLE001
-                    self.fail(f"topp {impl} {name}", e)
+        def top_k_mask(w, p, lengths):
+            values, _ = jax.lax.top_k(w, k)
+            return (w >= values[..., -1:]).any(axis=1)
+
+        tp = sys.modules["pallas_kernels.top_p_select"]
+        block_sizes = tp.BlockSizes.get_default(seq_len)
+        theta = pk.top_p_select(weights, p, lengths, granularity=1, interpret=self.interpret)[0]
+
+        def threshold_only(w, p, lengths):
+            return tp._top_p_thresholds(
+                w.reshape(rows * draft_rows, seq_len),
+                jnp.repeat(p, draft_rows),
+                jnp.repeat(lengths, draft_rows),
+                num_iters=tp.DEFAULT_NUM_ITERS,
+                block_s=block_sizes.block_s,
+                num_warps=block_sizes.num_warps,
+                force_exact=False,
+                interpret=self.interpret,
+                debug=False,
+            )
+
+        def compact_only(w, p, lengths):
+            return tp._top_p_compact(
+                w,
+                theta + 0.0 * p[:, None],
+                lengths,
+                granularity=1,
+                block_c=block_sizes.block_c,
+                num_warps=block_sizes.num_warps_compact,
+                interpret=self.interpret,
+                debug=False,
+            )
+
+        impls = {
+            "ours_g1": functools.partial(pk.top_p_select, granularity=1, interpret=self.interpret),
+            "ours_threshold_kernel": threshold_only,
+            "ours_compact_kernel_g1": compact_only,
+            "ours_g16": functools.partial(
+                pk.top_p_select, granularity=16, interpret=self.interpret
+            ),
+            "sort_mask": sort_mask,
+            "sort_top_p_compacted": functools.partial(pk.top_p_exact_reference, granularity=1),
+            "lax_top_k_mask": top_k_mask,
+            "ours_reference_xla": functools.partial(pk.top_p_select_reference, granularity=1),
+        }
+        for impl, fn in impls.items():
+            if self.over_budget():
+                return
             try:
-                got = pk.top_p_select(weights, p, lengths, granularity=1, interpret=self.interpret)
-                ref = pk.top_p_select_reference(weights, p, lengths, granularity=1)
-                same = all(bool(jnp.array_equal(a, b)) for a, b in zip(got, ref, strict=True))
-                self.record(section="topp_check", shape=name, impl="kernel_vs_reference",
-                            bit_exact=same, mean_count=float(got[2].mean()))
+                t = self.time_jax(fn, [(weights, p, lengths)], in_bytes, perturb=1)
+                self.record(
+                    section="topp",
+                    shape=name,
+                    impl=impl,
+                    bytes=in_bytes,
+                    top_k=k if "top_k" in impl else None,
+                    **t,
+                )
             except Exception as e:  # noqa: BLE001
-                self.fail(f"topp check {name}", e)
+                self.fail(f"topp {impl} {name}", e)
+        try:
+            got = pk.top_p_select(weights, p, lengths, granularity=1, interpret=self.interpret)
+            ref = pk.top_p_select_reference(weights, p, lengths, granularity=1)
+            same = all(bool(jnp.array_equal(a, b)) for a, b in zip(got, ref, strict=True))
+            self.record(
+                section="topp_check",
+                shape=name,
+                impl="kernel_vs_reference",
+                bit_exact=same,
+                mean_count=float(got[2].mean()),
+            )
+        except Exception as e:  # noqa: BLE001
+            self.fail(f"topp check {name}", e)
 
     # -- report ------------------------------------------------------------------------------
 
@@ -487,11 +610,14 @@ class Bench:
         for r in self.records:
             if r.get("section") == "attention":
                 by_shape.setdefault(r["shape"], []).append(r)
-        lines.append(f"{'shape':34s} {'impl':22s} {'kept':>5s} {'g':>3s} {'us':>9s} "
-                     f"{'TB/s':>6s} {'copy%':>6s} {'vs best dense peer':>18s}")
+        lines.append(
+            f"{'shape':34s} {'impl':22s} {'kept':>5s} {'g':>3s} {'us':>9s} "
+            f"{'TB/s':>6s} {'copy%':>6s} {'vs best dense peer':>18s}"
+        )
         for shape, recs in by_shape.items():
-            peers = [r["median_s"] for r in recs if r["impl"] not in ("dense_kernel",
-                                                                       "sparse_kernel")]
+            peers = [
+                r["median_s"] for r in recs if r["impl"] not in ("dense_kernel", "sparse_kernel")
+            ]
             best_peer = min(peers) if peers else None
             for r in recs:
                 speed = f"{best_peer / r['median_s']:.2f}x" if best_peer else ""
@@ -508,7 +634,39 @@ class Bench:
                 lines.append(f"topp {r['shape']:16s} bit_exact={r['bit_exact']}")
         for e in self.errors:
             lines.append(f"ERROR {e['where']}: {e['error'][:200]}")
+        lines.extend(self.targets())
         return "\n".join(lines)
+
+    def targets(self):
+        """The issue's targets, on shapes with context >= 16K, from this run's records."""
+        att = [
+            r for r in self.records if r.get("section") == "attention" and "ctx4K" not in r["shape"]
+        ]
+        out = ["targets (context >= 16K):"]
+        by_shape = {}
+        for r in att:
+            by_shape.setdefault(r["shape"], []).append(r)
+        for shape, recs in by_shape.items():
+            peers = [
+                r["median_s"] for r in recs if r["impl"] not in ("dense_kernel", "sparse_kernel")
+            ]
+            dense = [r for r in recs if r["impl"] == "dense_kernel"]
+            if not dense or not peers:
+                continue
+            d = dense[0]
+            line = (
+                f"  {shape}: dense {d.get('frac_copy', 0):.2f} of copy, "
+                f"{min(peers) / d['median_s']:.2f}x best peer"
+            )
+            for r in recs:
+                if r["impl"] == "sparse_kernel":
+                    line += (
+                        f"; kept {r['kept']} g{r['granularity']}: "
+                        f"{r.get('frac_copy', 0):.2f} of copy, "
+                        f"{min(peers) / r['median_s']:.2f}x best peer"
+                    )
+            out.append(line)
+        return out
 
 
 def _default_splits(shape: Shape, block_k: int, max_rows: int) -> int:
@@ -521,23 +679,32 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="", help="JSON results path")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds before skipping")
-    parser.add_argument("--sections", default="copy,sweep,topp,attention")
-    parser.add_argument("--groups", default="core,queries,long,short,kept",
-                        help="attention groups to run, in priority order")
+    parser.add_argument(
+        "--sections",
+        default="copy,topp,attention:core,sweep,attention:queries+long+short+kept",
+        help="comma-separated, in order; attention:<group>+<group> picks groups",
+    )
+    parser.add_argument(
+        "--groups",
+        default="core,queries,long,short,kept",
+        help="attention groups to run, in priority order",
+    )
     parser.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, interpret mode")
     args = parser.parse_args(argv)
     bench = Bench(args)
     bench.log(f"devices: {jax.devices()}  jax {jax.__version__}")
-    sections = args.sections.split(",")
-    for section in sections:
-        if section in sections:
-            if bench.over_budget() and section != "copy":
-                bench.log(f"{section}: skipped (budget)")
-                continue
-            try:
-                getattr(bench, f"run_{section}")()
-            except Exception as e:  # noqa: BLE001
-                bench.fail(section, e)
+    for section in args.sections.split(","):
+        if bench.over_budget() and section != "copy":
+            bench.log(f"{section}: skipped (budget)")
+            continue
+        name, _, groups = section.partition(":")  # e.g. attention:core+queries
+        try:
+            if groups:
+                getattr(bench, f"run_{name}")(groups.split("+"))
+            else:
+                getattr(bench, f"run_{name}")()
+        except Exception as e:  # noqa: BLE001
+            bench.fail(section, e)
     bench.save()
     print(bench.table(), flush=True)
 

@@ -12,24 +12,50 @@ reference elsewhere. This package imports nothing from `specattn_jax`.
 
 from pallas_kernels._common import (
     DEFAULT_MASK_VALUE as DEFAULT_MASK_VALUE,
+)
+from pallas_kernels._common import (
     default_backend as default_backend,
+)
+from pallas_kernels._common import (
     resolve_backend as resolve_backend,
 )
 from pallas_kernels.sparse_verify_attention import (
     BlockSizes as SparseVerifyBlockSizes,
+)
+from pallas_kernels.sparse_verify_attention import (
     dense_block_list as dense_block_list,
+)
+from pallas_kernels.sparse_verify_attention import (
     dense_verify_attention as dense_verify_attention,
+)
+from pallas_kernels.sparse_verify_attention import (
     selection_mask as selection_mask,
+)
+from pallas_kernels.sparse_verify_attention import (
     sparse_verify_attention as sparse_verify_attention,
+)
+from pallas_kernels.sparse_verify_attention import (
     sparse_verify_attention_dispatch as sparse_verify_attention_dispatch,
+)
+from pallas_kernels.sparse_verify_attention import (
     sparse_verify_attention_reference as sparse_verify_attention_reference,
 )
 from pallas_kernels.top_p_select import (
     FILL_INDEX as FILL_INDEX,
+)
+from pallas_kernels.top_p_select import (
     BlockSizes as TopPBlockSizes,
+)
+from pallas_kernels.top_p_select import (
     top_p_exact_reference as top_p_exact_reference,
+)
+from pallas_kernels.top_p_select import (
     top_p_select as top_p_select,
+)
+from pallas_kernels.top_p_select import (
     top_p_select_dispatch as top_p_select_dispatch,
+)
+from pallas_kernels.top_p_select import (
     top_p_select_reference as top_p_select_reference,
 )
 

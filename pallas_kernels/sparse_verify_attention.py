@@ -157,7 +157,16 @@ def sparse_verify_attention_kernel(
         return step(carry, positions, valid, valid[None, :])
 
     acc, m_i, l_i = lax.fori_loop(0, num_steps, body, carry)
-    o_ref[...] = acc
+    num_valid_rows = num_queries * q_heads_per_kv_head
+    if num_valid_rows == rows:
+        o_ref[...] = acc
+    else:  # padding rows are never read: skip their writes
+        row_ids = jnp.arange(rows, dtype=jnp.int32)
+        pltriton.store(
+            o_ref.at[row_ids[:, None], dims[None, :]],
+            acc,
+            mask=(row_ids < num_valid_rows)[:, None],
+        )
     l_ref[...] = l_i
     m_ref[...] = m_i
 

@@ -51,7 +51,7 @@ LIMB_BITS = 12  # bits per fixed-point limb (three limbs: 36 bits below the row 
 _LIMB_MASK = (1 << LIMB_BITS) - 1
 _P_BITS = 24  # p is rounded up to a multiple of 2**-24
 _MAX_ROW_LEN = 1 << (31 - LIMB_BITS)  # limb sums stay below 2**31
-_EXACT_TILE = 1 << (24 - LIMB_BITS)  # float sums of this many limbs are exact
+_EXACT_TILE = 4096  # lanes of the exact-sum pass (each sums <= 2**19 / 4096 limbs: exact)
 _MIN_EXPONENT = -90  # rows whose max is below 2**-90 use 2**-90 as their scale
 _ROUND_MAGIC = 1.5 * 2.0**23  # (x + C) - C rounds x to an integer for |x| <= 2**22
 
@@ -63,7 +63,7 @@ class BlockSizes:
     Attributes:
       block_s: positions per tile of the threshold kernel's float pass; a row of at most
         `block_s` positions stays in registers for all bisection steps, a longer one is
-        re-read (from L2) at every step. The exact-sum pass streams tiles of at most 2048.
+        re-read (from L2) at every step. The exact-sum pass streams tiles of at most 4096.
       block_c: positions per tile of the compaction kernel (at least one block of `g`).
       num_warps: warps per program of the threshold kernel (one program per (r, a) row).
       num_warps_compact: warps per program of the compaction kernel (one per output row).
@@ -79,9 +79,8 @@ class BlockSizes:
         """Rows up to 32K stay in registers (32 per thread at most); longer ones stream."""
         block_s = max(16, next_power_of_2(seq_len))
         if block_s > 32768:
-            block_s = 8192
-        num_warps = min(32, max(4, block_s // 1024))
-        return cls(block_s=block_s, num_warps=num_warps)
+            return cls(block_s=8192, num_warps=16)
+        return cls(block_s=block_s, num_warps=min(32, max(4, block_s // 1024)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,9 +216,17 @@ def top_p_threshold_kernel(
         return w.astype(jnp.float32)
 
     def row_reduce(tile_fn, init, size):
-        """Folds tile_fn(w_tile, acc) over the row's valid tiles of `size` positions."""
+        """Folds tile_fn(w_tile, acc) over the row's valid tiles of `size` positions, loading
+        tile i + 1 before working on tile i (the last prefetch is fully masked: no traffic)."""
+
+        def body(i, carry):
+            acc, tile = carry
+            next_tile = load((i + 1) * size, size)
+            return tile_fn(tile, acc), next_tile
+
         num_tiles = cdiv_dynamic(length, size)
-        return lax.fori_loop(0, num_tiles, lambda i, acc: tile_fn(load(i * size, size), acc), init)
+        acc, _ = lax.fori_loop(0, num_tiles, body, (init, load(0, size)))
+        return acc
 
     # The float pass keeps a row of at most block_s positions in registers across all steps.
     if seq_len <= block_s:
@@ -239,26 +246,29 @@ def top_p_threshold_kernel(
     row_max, row_sum = fast_reduce(max_and_sum, (jnp.float32(0.0), jnp.float32(0.0)))
     inv_units, magics = _row_units(row_max)
 
-    def limb_sums(w, thresholds):
-        """Integer limb sums (top first) of w >= t for each t; float sums of one exact tile."""
-        limbs = _limbs(w, magics)
+    def exact_sums(thresholds):
+        """Integer limb sums (top first) of {w >= t} for each t.
+
+        Each lane accumulates its limbs across tiles in float32, which is exact (integer
+        multiples of the unit, below 2**24 units per lane); the lanes are then summed in int32.
+        """
+
+        def tile_fn(w, acc):
+            limbs = _limbs(w, magics)
+            return [
+                [a + jnp.where(w >= t, limb, 0.0) for a, limb in zip(acc_t, limbs, strict=True)]
+                for acc_t, t in zip(acc, thresholds, strict=True)
+            ]
+
+        zero = jnp.zeros((exact_tile,), jnp.float32)
+        acc = row_reduce(tile_fn, [[zero, zero, zero] for _ in thresholds], exact_tile)
         return [
             [
-                (jnp.sum(jnp.where(w >= t, limb, 0.0)) * inv_unit).astype(jnp.int32)
-                for limb, inv_unit in zip(limbs, inv_units, strict=True)
+                jnp.sum((a * inv_unit).astype(jnp.int32))
+                for a, inv_unit in zip(acc_t, inv_units, strict=True)
             ]
-            for t in thresholds
+            for acc_t in acc
         ]
-
-    def add_sums(acc, new):
-        return [[a + b for a, b in zip(x, y, strict=True)] for x, y in zip(acc, new, strict=True)]
-
-    def exact_sums(thresholds):
-        zero = jnp.int32(0)
-        init = [[zero, zero, zero] for _ in thresholds]
-        return row_reduce(
-            lambda w, acc: add_sums(acc, limb_sums(w, thresholds)), init, exact_tile
-        )
 
     def exact_bisection(target):
         def pred(mid):
@@ -362,7 +372,7 @@ def _top_p_thresholds(
     kernel = functools.partial(
         top_p_threshold_kernel,
         block_s=block_s,
-        exact_tile=min(block_s, _EXACT_TILE // 2),
+        exact_tile=min(block_s, _EXACT_TILE),
         num_iters=num_iters,
         force_exact=force_exact,
     )
@@ -530,7 +540,9 @@ def top_p_select_dispatch(
     Both return the same values bit for bit.
     """
     if resolve_backend(backend) == "pallas":
-        return top_p_select(weights, p, context_lengths, granularity=granularity, num_iters=num_iters)
+        return top_p_select(
+            weights, p, context_lengths, granularity=granularity, num_iters=num_iters
+        )
     return top_p_select_reference(
         weights, p, context_lengths, granularity=granularity, num_iters=num_iters
     )

@@ -20,7 +20,10 @@ TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"
 def _gpu_skip_reason() -> str | None:
     device = jax.devices()[0]
     if device.platform != "gpu":
-        return f"needs a CUDA GPU (the default device is {device.platform}); the interpret twin covers CPU"
+        return (
+            f"needs a CUDA GPU (the default device is {device.platform}); "
+            "the interpret twin covers CPU"
+        )
     capability = getattr(device, "compute_capability", None)
     if capability is not None and float(capability) < 8.0:
         return f"needs sm80 or newer for the Triton lowering (this GPU is sm{capability})"

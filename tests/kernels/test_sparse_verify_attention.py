@@ -26,7 +26,10 @@ class Case:
     dtype: str
 
     def __str__(self):
-        return f"T={self.num_queries}_heads={self.heads}_D={self.head_dim}_g={self.granularity}_{self.dtype}"
+        return (
+            f"T={self.num_queries}_heads={self.heads}_D={self.head_dim}"
+            f"_g={self.granularity}_{self.dtype}"
+        )
 
 
 # Every T, head layout, D, granularity and dtype appears at least once.
@@ -134,7 +137,13 @@ class SparseVerifyAttentionCases(KernelTestBase):
             k_select, lengths, wanted, self.seq_len(), case.granularity
         )
         out = pk.sparse_verify_attention(
-            q, k, v, indices, counts, lengths, granularity=case.granularity,
+            q,
+            k,
+            v,
+            indices,
+            counts,
+            lengths,
+            granularity=case.granularity,
             interpret=self.INTERPRET,
         )
         assert out.shape == q.shape and out.dtype == q.dtype
@@ -164,8 +173,10 @@ class SparseVerifyAttentionCases(KernelTestBase):
         query_positions = lengths[:, None] + jnp.arange(num_queries)[None, :]
         mask = positions[None, None, :] <= query_positions[:, :, None]  # [B, T, S]
         expected = jax.nn.dot_product_attention(
-            q, jnp.repeat(k, num_heads // num_kv_heads, axis=2),
-            jnp.repeat(v, num_heads // num_kv_heads, axis=2), mask=mask[:, None],
+            q,
+            jnp.repeat(k, num_heads // num_kv_heads, axis=2),
+            jnp.repeat(v, num_heads // num_kv_heads, axis=2),
+            mask=mask[:, None],
             implementation="xla",
         )
         np.testing.assert_allclose(out, expected, **tolerance(jnp.float32))
@@ -199,7 +210,13 @@ class SparseVerifyAttentionCases(KernelTestBase):
         )
         indices, counts = make_selection(jax.random.key(4), lengths, wanted, self.seq_len(), 1)
         out = pk.sparse_verify_attention(
-            q, k, v, indices, counts, lengths, granularity=1,
+            q,
+            k,
+            v,
+            indices,
+            counts,
+            lengths,
+            granularity=1,
             block_sizes=pk.SparseVerifyBlockSizes(block_k=16, num_splits=num_splits),
             interpret=self.INTERPRET,
         )
@@ -235,7 +252,13 @@ class SparseVerifyAttentionCases(KernelTestBase):
         )
         indices, block_counts = make_selection(k_select, lengths, counts, seq_len, granularity)
         out = pk.sparse_verify_attention(
-            q, k, v, indices, block_counts, lengths, granularity=granularity,
+            q,
+            k,
+            v,
+            indices,
+            block_counts,
+            lengths,
+            granularity=granularity,
             interpret=self.INTERPRET,
         )
         assert bool(jnp.isfinite(out).all())
@@ -264,8 +287,12 @@ def test_reference_matches_gather_formulation(granularity):
     seq_len, num_queries = 200, 5
     lengths = jnp.asarray([0, 1, 77, seq_len - num_queries], jnp.int32)
     q, k, v = make_qkv(jax.random.key(5), 4, num_queries, 6, 2, 16, seq_len, jnp.float32)
-    indices, counts = make_selection(jax.random.key(6), lengths, [3, 1, 2, -1], seq_len, granularity)
-    out = pk.sparse_verify_attention_reference(q, k, v, indices, counts, lengths, granularity=granularity)
+    indices, counts = make_selection(
+        jax.random.key(6), lengths, [3, 1, 2, -1], seq_len, granularity
+    )
+    out = pk.sparse_verify_attention_reference(
+        q, k, v, indices, counts, lengths, granularity=granularity
+    )
     expected = gather_attention_f64(q, k, v, indices, counts, lengths, granularity)
     np.testing.assert_allclose(out, expected, **tolerance(jnp.float32))
 
@@ -274,7 +301,9 @@ def test_dispatch_and_backend_switch():
     q, k, v = make_qkv(jax.random.key(7), 2, 3, 4, 2, 16, 64, jnp.float32)
     lengths = jnp.asarray([10, 40], jnp.int32)
     indices, counts = make_selection(jax.random.key(8), lengths, [1, -1], 64, 16)
-    expected = pk.sparse_verify_attention_reference(q, k, v, indices, counts, lengths, granularity=16)
+    expected = pk.sparse_verify_attention_reference(
+        q, k, v, indices, counts, lengths, granularity=16
+    )
     for backend in ("reference", "auto"):
         out = pk.sparse_verify_attention_dispatch(
             q, k, v, indices, counts, lengths, granularity=16, backend=backend
@@ -301,12 +330,23 @@ def test_dispatch_and_backend_switch():
 def test_bad_inputs_raise(change, message):
     q, k, v = make_qkv(jax.random.key(9), 2, 3, 4, 2, 16, 64, jnp.float32)
     args = dict(
-        q=q, k=k, v=v, indices=jnp.zeros((2, 4), jnp.int32), counts=jnp.zeros((2,), jnp.int32),
-        lengths=jnp.zeros((2,), jnp.int32), granularity=16,
+        q=q,
+        k=k,
+        v=v,
+        indices=jnp.zeros((2, 4), jnp.int32),
+        counts=jnp.zeros((2,), jnp.int32),
+        lengths=jnp.zeros((2,), jnp.int32),
+        granularity=16,
     )
     args.update(change)
     with pytest.raises(ValueError, match=message):
         pk.sparse_verify_attention(
-            args["q"], args["k"], v, args["indices"], args["counts"], args["lengths"],
-            granularity=args["granularity"], interpret=True,
+            args["q"],
+            args["k"],
+            v,
+            args["indices"],
+            args["counts"],
+            args["lengths"],
+            granularity=args["granularity"],
+            interpret=True,
         )

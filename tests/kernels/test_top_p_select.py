@@ -3,7 +3,6 @@ properties against a sort-based float64 top-p."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -99,7 +98,11 @@ class TopPSelectCases(KernelTestBase):
         p = jnp.asarray([0.9, 0.99, 0.5, 1e-3], jnp.float32)
         lengths = jnp.asarray([seq_len, seq_len - block_s - 1, block_s, 2 * block_s + 1], jnp.int32)
         got = pk.top_p_select(
-            weights, p, lengths, granularity=16, interpret=self.INTERPRET,
+            weights,
+            p,
+            lengths,
+            granularity=16,
+            interpret=self.INTERPRET,
             block_sizes=pk.TopPBlockSizes(block_s=block_s, block_c=block_s),
             force_exact=force_exact,
         )
