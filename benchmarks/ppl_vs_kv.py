@@ -26,12 +26,14 @@ from specattn_jax.layer_map import LayerMap
 from specattn_jax.loading import ASSETS, load_pretrained
 
 P_VALUES = (0.8, 0.9, 0.95, 0.97, 0.99)
+RECENT_P_VALUES = (0.5, 0.6, 0.7, 0.8, 0.9)
 BUDGETS = (0.1, 0.2, 0.3, 0.5)
 
 
-def settings(p_values, budgets) -> list[tuple[str, float]]:
+def settings(p_values, recent_p_values, budgets) -> list[tuple[str, float]]:
     return (
         [("specattn", p) for p in p_values]
+        + [("specattn_recent", p) for p in recent_p_values]
         + [("oracle", p) for p in p_values]
         + [(m, b) for m in ("quest", "double_sparsity", "streaming_llm") for b in budgets]
     )
@@ -54,9 +56,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.window, args.prefix, args.num_windows, args.batch_size = 256, 128, 1, 1
-        p_values, budgets = (0.9, 1.0), (0.3, 1.0)
+        p_values, recent_p_values, budgets = (0.9, 1.0), (0.5,), (0.3, 1.0)
     else:
-        p_values, budgets = P_VALUES, BUDGETS
+        p_values, recent_p_values, budgets = P_VALUES, RECENT_P_VALUES, BUDGETS
 
     verifier, tokenizer = load_pretrained(args.verifier, jnp.float32)
     draft, _ = load_pretrained(args.draft, jnp.float32)
@@ -82,7 +84,9 @@ def main(argv=None) -> int:
         window=args.window, prefix=args.prefix, gamma=args.gamma, batch_size=args.batch_size
     )
     start = time.perf_counter()
-    rows = compare_methods(factory, windows, protocol, settings(p_values, budgets), progress=True)
+    rows = compare_methods(
+        factory, windows, protocol, settings(p_values, recent_p_values, budgets), progress=True
+    )
     seconds = time.perf_counter() - start
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,7 +95,8 @@ def main(argv=None) -> int:
         f"({args.prefix} prefilled densely, {protocol.scored_tokens} scored per window), "
         f"gamma {args.gamma}, granularity {args.granularity} (Quest: pages of 16), first "
         f"{args.dense_layers} verifier layers dense; KV reduction measured from the entries "
-        f"read. Layer map: {list(factory.get_layer_map().mapping)}."
+        f"read. specattn_recent also reads 4 sink and the 256 most recent context tokens. "
+        f"Layer map: {list(factory.get_layer_map().mapping)}."
     )
     report = {
         "caption": caption,

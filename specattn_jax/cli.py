@@ -90,6 +90,8 @@ def _spec_config(args):
         attn_p=args.attn_p,
         granularity=args.granularity,
         dense_layers=args.dense_layers,
+        sinks=args.sinks,
+        recent=args.recent,
         layer_map=layer_map,
     )
 
@@ -213,6 +215,7 @@ def load_eval_texts(data: str, data_dir: str | None = None) -> list[str]:
 
 def cmd_eval_ppl(args) -> None:
     from specattn_jax.eval import MethodFactory, PerplexityProtocol, make_windows
+    from specattn_jax.eval.methods import BUDGET_METHODS
     from specattn_jax.eval.report import compare_methods, markdown_table
     from specattn_jax.layer_map import LayerMap
 
@@ -236,7 +239,7 @@ def cmd_eval_ppl(args) -> None:
         granularity=args.granularity,
         dense_layers=args.dense_layers,
     )
-    value = args.attn_p if args.method in ("specattn", "oracle") else args.budget
+    value = args.budget if args.method in BUDGET_METHODS else args.attn_p
     factory.selector(args.method, value)  # validate before the long run
     rows = compare_methods(
         factory, windows, protocol, [(args.method, value)], progress=not args.json
@@ -319,6 +322,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from specattn_jax.eval.methods import METHODS
+
     parser = _Parser(prog="specattn", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -356,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--layer-map", help="layer map JSON from `specattn calibrate`")
     generate.add_argument("--granularity", type=int, default=1, help="tokens per KV block")
     generate.add_argument("--dense-layers", type=int, default=2)
+    generate.add_argument("--sinks", type=int, default=0, help="leading tokens always read")
+    generate.add_argument("--recent", type=int, default=0, help="recent tokens always read")
     _add_common(generate)
     generate.set_defaults(run=cmd_generate)
 
@@ -381,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--method",
         default="specattn",
-        choices=("dense", "specattn", "oracle", "quest", "double_sparsity", "streaming_llm"),
+        choices=METHODS,
     )
     evaluate.add_argument("--attn-p", type=float, default=0.97, help="specattn / oracle mass")
     evaluate.add_argument("--budget", type=float, default=0.3, help="baselines: KV fraction")

@@ -68,6 +68,7 @@ class SpecConfig:
       aggregate: "union" of the gamma per-query selections (the paper's rule) or "mean" of
         the gamma attention rows, then one selection.
       sinks: leading positions every sparse layer reads.
+      recent: most recent context positions every sparse layer reads.
       layer_map: the calibrated verifier -> draft layer map; None calibrates on the prompts.
       selector: another selection method (a baseline); overrides attn_p.
       backend: "auto" (Pallas kernels on GPU, references elsewhere), "pallas", "reference".
@@ -79,6 +80,7 @@ class SpecConfig:
     dense_layers: int = 2
     aggregate: str = "union"
     sinks: int = 0
+    recent: int = 0
     layer_map: LayerMap | None = None
     selector: Selector | None = None
     backend: str = "auto"
@@ -90,9 +92,10 @@ class SpecConfig:
             raise SpecAttnError(f"attn_p={self.attn_p} must be in (0, 1]")
         if self.aggregate not in AGGREGATES:
             raise SpecAttnError(f"aggregate={self.aggregate!r} must be one of {AGGREGATES}")
-        if self.dense_layers < 0 or self.sinks < 0:
+        if min(self.dense_layers, self.sinks, self.recent) < 0:
             raise SpecAttnError(
-                f"dense_layers={self.dense_layers} and sinks={self.sinks} must be >= 0"
+                f"dense_layers={self.dense_layers}, sinks={self.sinks} and "
+                f"recent={self.recent} must be >= 0"
             )
         if self.backend not in ("auto", "pallas", "reference"):
             raise SpecAttnError(f"backend={self.backend!r} must be auto, pallas or reference")
@@ -135,6 +138,7 @@ class SpecConfig:
             dense_layers=self.dense_layers,
             aggregate=self.aggregate,
             sinks=self.sinks,
+            recent=self.recent,
             backend=self.backend,
         )
         return selector, origin

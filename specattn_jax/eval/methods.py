@@ -25,8 +25,18 @@ from specattn_jax.selection.baselines import (
     calibrate_double_sparsity,
 )
 
-METHODS = ("dense", "specattn", "oracle", "quest", "double_sparsity", "streaming_llm")
-_P_METHODS = ("specattn", "oracle")
+METHODS = (
+    "dense",
+    "specattn",
+    "specattn_recent",
+    "oracle",
+    "quest",
+    "double_sparsity",
+    "streaming_llm",
+)
+BUDGET_METHODS = ("quest", "double_sparsity", "streaming_llm")
+# SpecAttn + always reading 4 sink tokens and the most recent 256 context tokens.
+RECENT_SINKS, RECENT_WINDOW = 4, 256
 
 
 @dataclasses.dataclass
@@ -64,16 +74,19 @@ class MethodFactory:
             raise SpecAttnError(f"method {method!r} is not one of {METHODS}")
         if method == "dense":
             return None
-        knob = "attn_p" if method in _P_METHODS else "budget"
+        knob = "budget" if method in BUDGET_METHODS else "attn_p"
         if value is None or not 0 < value <= 1:
             raise SpecAttnError(f"{method} needs {knob} in (0, 1], got {value}")
         value = jnp.float32(value)
         common = dict(dense_layers=self.dense_layers)
-        if method == "specattn":
+        if method in ("specattn", "specattn_recent"):
+            recent = method == "specattn_recent"
             return SpecAttnSelector(
                 attn_p=value,
                 mapping=self.get_layer_map().mapping,
                 granularity=self.granularity,
+                sinks=RECENT_SINKS if recent else 0,
+                recent=RECENT_WINDOW if recent else 0,
                 backend=self.backend,
                 **common,
             )

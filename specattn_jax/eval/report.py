@@ -48,7 +48,7 @@ def compare_methods(
     return rows
 
 
-_KNOB = {"specattn": "p", "oracle": "p"}
+_KNOB = {"specattn": "p", "specattn_recent": "p", "oracle": "p"}
 
 
 def setting_label(row: dict) -> str:

@@ -28,6 +28,7 @@ from flax import nnx
 import pallas_kernels
 from pallas_kernels._common import DEFAULT_MASK_VALUE
 from specattn_jax.attention import AttentionPlan
+from specattn_jax.errors import SpecAttnError
 from specattn_jax.model import Llama
 from specattn_jax.selection.base import SelectionInputs, sparse_layer_flags
 from specattn_jax.selection.blocks import compact_blocks, positions_to_block_mask
@@ -227,6 +228,9 @@ def calibrate_double_sparsity(
 ) -> jax.Array:
     """i32[L, H_kv, r]: per layer and KV head, the r channels with the largest mean |q_c k_c|
     over the calibration tokens (and the query heads of the group). r defaults to D / 16."""
+    sequences = [np.asarray(s, np.int32) for s in sequences]
+    if not sequences:
+        raise SpecAttnError("Double Sparsity needs calibration sequences to pick its channels")
     config = verifier.config
     num_channels = num_channels or max(config.head_dim // 16, 1)
     graphdef, state = nnx.split(verifier)
@@ -241,5 +245,5 @@ def calibrate_double_sparsity(
         keys = jnp.stack([k[0, :num_tokens] for k in cache.k])  # [L, T, H_kv, D]
         return jnp.abs(grouped * keys[:, :, :, None]).astype(jnp.float32).mean(axis=(1, 3))
 
-    total = sum(np.asarray(channel_importance(state, np.asarray(s)[None])) for s in sequences)
+    total = sum(np.asarray(channel_importance(state, s[None])) for s in sequences)
     return jnp.asarray(np.argsort(-total, axis=-1, kind="stable")[..., :num_channels], jnp.int32)

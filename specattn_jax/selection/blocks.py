@@ -60,6 +60,19 @@ def add_forced_blocks(
     return compact_blocks(mask)
 
 
-def sink_blocks(num: int, sinks: int, granularity: int) -> jax.Array:
-    """bool[num]: the blocks holding the first `sinks` positions."""
-    return jnp.arange(num) * granularity < sinks
+def forced_blocks(
+    context_lengths: jax.Array,  # i32[B]
+    num: int,
+    granularity: int,
+    *,
+    sinks: int = 0,
+    recent: int = 0,
+) -> jax.Array:
+    """bool[B, num]: the blocks holding the first `sinks` and the last `recent` context
+    positions of each row."""
+    starts = jnp.arange(num)[None, :] * granularity
+    ends = starts + granularity
+    context = context_lengths[:, None]
+    is_sink = starts < jnp.minimum(sinks, context)
+    is_recent = (ends > context - recent) & (starts < context)
+    return is_sink | (is_recent if recent else False)

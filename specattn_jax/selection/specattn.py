@@ -18,7 +18,7 @@ import pallas_kernels
 from specattn_jax.attention import AttentionPlan
 from specattn_jax.errors import SpecAttnError
 from specattn_jax.selection.base import SelectionInputs, sparse_layer_flags
-from specattn_jax.selection.blocks import add_forced_blocks, sink_blocks
+from specattn_jax.selection.blocks import add_forced_blocks, forced_blocks
 
 AGGREGATES = ("union", "mean")
 
@@ -33,6 +33,7 @@ class SpecAttnSelector:
     dense_layers: leading verifier layers that stay dense (static).
     aggregate: "union" of per-query selections, or "mean" of the rows then one (static).
     sinks: leading positions always read (static).
+    recent: most recent context positions always read (static).
     backend: "auto", "pallas" or "reference" for the top-p kernel (static).
     """
 
@@ -42,6 +43,7 @@ class SpecAttnSelector:
     dense_layers: int = dataclasses.field(default=2, metadata=dict(static=True))
     aggregate: str = dataclasses.field(default="union", metadata=dict(static=True))
     sinks: int = dataclasses.field(default=0, metadata=dict(static=True))
+    recent: int = dataclasses.field(default=0, metadata=dict(static=True))
     backend: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
     needs_draft_attention = True
@@ -66,8 +68,14 @@ class SpecAttnSelector:
         )
         block_indices = block_indices.reshape(batch, num_used, -1)
         block_counts = block_counts.reshape(batch, num_used)
-        if self.sinks:
-            forced = sink_blocks(block_indices.shape[-1], self.sinks, self.granularity)
+        if self.sinks or self.recent:
+            forced = forced_blocks(
+                inputs.context_lengths,
+                block_indices.shape[-1],
+                self.granularity,
+                sinks=self.sinks,
+                recent=self.recent,
+            )[:, None]  # [B, 1, N]
             block_indices, block_counts = add_forced_blocks(block_indices, block_counts, forced)
         row_of_layer = jnp.array([used.index(f) if f in used else 0 for f in self.mapping])
         return AttentionPlan(
