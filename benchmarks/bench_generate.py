@@ -239,7 +239,7 @@ def _step_times(verifier, draft, context: int, kept: float, args) -> dict[str, f
     return times
 
 
-def bench_synthetic(args, measured: dict | None) -> dict:
+def bench_synthetic(args, measured: dict | None, save=lambda part: None) -> dict:
     gamma, batch = args.gamma, 1
     verifier_config, draft_config = LLAMA2_7B, TINYLLAMA_1B
     if args.tiny:
@@ -254,6 +254,16 @@ def bench_synthetic(args, measured: dict | None) -> dict:
     spec_tps = rows["speculative"]["tokens_per_step"] if rows else (gamma + 1) / 2
     specattn_tps = rows["specattn"]["tokens_per_step"] if rows else spec_tps
     results = []
+    report = {
+        "verifier": dataclasses.asdict(verifier_config),
+        "draft": dataclasses.asdict(draft_config),
+        "gamma": gamma,
+        "batch": batch,
+        "kept_fraction": kept,
+        "tokens_per_step": {"speculative": spec_tps, "specattn": specattn_tps},
+        "tokens_per_step_source": source,
+        "rows": results,
+    }
     for context in args.contexts:
         times = _step_times(
             (v_graph, v_params, verifier_config), (d_graph, d_params, draft_config),
@@ -273,16 +283,8 @@ def bench_synthetic(args, measured: dict | None) -> dict:
             }
         )
         print(f"  synthetic {context}: {results[-1]}", file=sys.stderr)
-    return {
-        "verifier": dataclasses.asdict(verifier_config),
-        "draft": dataclasses.asdict(draft_config),
-        "gamma": gamma,
-        "batch": batch,
-        "kept_fraction": kept,
-        "tokens_per_step": {"speculative": spec_tps, "specattn": specattn_tps},
-        "tokens_per_step_source": source,
-        "rows": results,
-    }
+        save(report)  # each context as it finishes: a long run cut short keeps what it has
+    return report
 
 
 def print_tables(report: dict) -> None:
@@ -345,11 +347,18 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     report = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+
+    def save(synthetic=None):
+        if synthetic is not None:
+            report["synthetic"] = synthetic
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
     if not args.skip_bundled:
         report["bundled"] = bench_bundled(args)
+        save()
     if not args.skip_synthetic:
-        report["synthetic"] = bench_synthetic(args, report.get("bundled"))
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        bench_synthetic(args, report.get("bundled"), save)
+    save()
     print(f"device: {report['device']}, jax {report['jax']}")
     print_tables(report)
     return 0

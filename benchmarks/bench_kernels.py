@@ -387,8 +387,15 @@ class Bench:
             try:
                 from jax.experimental.pallas.ops.gpu import decode_attention
 
-                fn = jax.jit(lambda q, k, v: decode_attention.gqa(q[:, 0], k, v))
-                arg_sets = [(q, k, v) for k, v in sets_for(dense_bytes)]
+                # gqa needs the cache length to divide into k_splits (16) blocks of
+                # block_k (128): pad the capacity; kv_seq_len keeps the reads to the context.
+                seq_len = shape.context + shape.num_queries
+                pad = ((0, 0), (0, -seq_len % 2048), (0, 0), (0, 0))
+                kv_seq_len = jnp.full((shape.batch,), seq_len, jnp.int32)
+                fn = jax.jit(
+                    lambda q, k, v: decode_attention.gqa(q[:, 0], k, v, kv_seq_len=kv_seq_len)
+                )
+                arg_sets = [(q, jnp.pad(k, pad), jnp.pad(v, pad)) for k, v in sets_for(dense_bytes)]
                 t = self.time_jax(fn, arg_sets, dense_bytes)
                 self.record(
                     section="attention",

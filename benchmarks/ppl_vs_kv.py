@@ -52,10 +52,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--granularity", type=int, default=1)
     parser.add_argument("--dense-layers", type=int, default=2)
+    parser.add_argument(
+        "--recent-window", type=int, default=256, help="recent tokens specattn_recent reads"
+    )
     parser.add_argument("--quick", action="store_true", help="one short window, few settings")
     args = parser.parse_args(argv)
     if args.quick:
         args.window, args.prefix, args.num_windows, args.batch_size = 256, 128, 1, 1
+        args.recent_window = 32
         p_values, recent_p_values, budgets = (0.9, 1.0), (0.5,), (0.3, 1.0)
     else:
         p_values, recent_p_values, budgets = P_VALUES, RECENT_P_VALUES, BUDGETS
@@ -79,6 +83,7 @@ def main(argv=None) -> int:
         layer_map=layer_map,
         granularity=args.granularity,
         dense_layers=args.dense_layers,
+        recent_window=args.recent_window,
     )
     protocol = PerplexityProtocol(
         window=args.window, prefix=args.prefix, gamma=args.gamma, batch_size=args.batch_size
@@ -95,7 +100,8 @@ def main(argv=None) -> int:
         f"({args.prefix} prefilled densely, {protocol.scored_tokens} scored per window), "
         f"gamma {args.gamma}, granularity {args.granularity} (Quest: pages of 16), first "
         f"{args.dense_layers} verifier layers dense; KV reduction measured from the entries "
-        f"read. specattn_recent also reads 4 sink and the 256 most recent context tokens. "
+        f"read. specattn_recent also reads 4 sink and the {args.recent_window} most recent "
+        f"context tokens. "
         f"Layer map: {list(factory.get_layer_map().mapping)}."
     )
     report = {

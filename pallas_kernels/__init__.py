@@ -3,7 +3,7 @@
 Public ops:
   top_p_select / top_p_select_reference / top_p_exact_reference / top_p_select_dispatch
   sparse_verify_attention / sparse_verify_attention_reference / dense_verify_attention /
-  sparse_verify_attention_dispatch / dense_block_list
+  sparse_verify_attention_dispatch / dense_block_list / use_verify_kernel
 
 Backend switch: every `*_dispatch` op takes backend="auto" | "pallas" | "reference";
 "auto" runs the Pallas kernel when `default_backend()` is "pallas" (a CUDA GPU) and the jnp
@@ -39,6 +39,9 @@ from pallas_kernels.sparse_verify_attention import (
 )
 from pallas_kernels.sparse_verify_attention import (
     sparse_verify_attention_reference as sparse_verify_attention_reference,
+)
+from pallas_kernels.sparse_verify_attention import (
+    use_kernel as use_verify_kernel,
 )
 from pallas_kernels.top_p_select import (
     FILL_INDEX as FILL_INDEX,
@@ -76,4 +79,5 @@ __all__ = [
     "top_p_select",
     "top_p_select_dispatch",
     "top_p_select_reference",
+    "use_verify_kernel",
 ]

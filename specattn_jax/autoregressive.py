@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from specattn_jax import sharding
 from specattn_jax.cache import KVCache
 from specattn_jax.decoding import (
     DecodeProgress,
@@ -83,17 +85,19 @@ _jit_prefill = jax.jit(
 _jit_step = jax.jit(_step, static_argnames=("graphdef", "eos_id"), donate_argnames=("state",))
 
 
-def _setup(model, prompts, max_new_tokens, cache_size, key, eos_id):
+def _setup(model, prompts, max_new_tokens, cache_size, key, eos_id, mesh):
     tokens, lengths = pad_prompts(prompts)
     cache_size = cache_size or tokens.shape[1] + max_new_tokens
     check_fits_cache(lengths, max_new_tokens, cache_size)
+    if mesh is not None:
+        _, model = sharding.shard_pair(None, model, mesh, len(prompts))
     graphdef, params = nnx.split(model)
     eos_id = model.config.eos_token_id if eos_id == "config" else eos_id
     args = (
         params,
-        jnp.asarray(tokens),
-        jnp.asarray(lengths),
-        model.init_cache(len(prompts), cache_size),
+        sharding.put_batch(mesh, tokens),
+        sharding.put_batch(mesh, lengths),
+        sharding.init_cache(model, len(prompts), cache_size, mesh),
     )
     budgets = jnp.full((len(prompts),), max_new_tokens, jnp.int32)
     key = jax.random.key(0) if key is None else key
@@ -109,6 +113,7 @@ def generate_autoregressive(
     key: jax.Array | None = None,
     eos_id: int | None | str = "config",
     cache_size: int | None = None,
+    mesh: Mesh | None = None,
 ) -> GenerationResult:
     """Decodes each prompt token by token, all on device in one jitted `while_loop`.
 
@@ -120,12 +125,14 @@ def generate_autoregressive(
       key: PRNG key (sampling only); default `jax.random.key(0)`.
       eos_id: stop token; "config" takes the model config's, None never stops early.
       cache_size: KV positions per sequence (default: padded prompt + max_new_tokens).
+      mesh: a ("data", "model") `Mesh`: the model runs tensor-parallel over "model", the
+        batch split over "data" (see `specattn_jax.sharding`); None: the default device.
 
     Returns:
       `GenerationResult` with the tokens and `stats` (steps, tokens, tokens_per_step).
     """
     graphdef, args, budgets, key, eos_id = _setup(
-        model, prompts, max_new_tokens, cache_size, key, eos_id
+        model, prompts, max_new_tokens, cache_size, key, eos_id, mesh
     )
     sampler = sampler or Greedy()
     state = _generate(graphdef, *args, sampler, key, budgets, max_new_tokens, eos_id)
@@ -141,11 +148,12 @@ def stream_autoregressive(
     key: jax.Array | None = None,
     eos_id: int | None | str = "config",
     cache_size: int | None = None,
+    mesh: Mesh | None = None,
 ) -> Iterator[tuple[list[list[int]], dict]]:
     """Like `generate_autoregressive`, but driven from the host: yields (new tokens per
     sequence, running stats) after every step."""
     graphdef, args, budgets, key, eos_id = _setup(
-        model, prompts, max_new_tokens, cache_size, key, eos_id
+        model, prompts, max_new_tokens, cache_size, key, eos_id, mesh
     )
     sampler = sampler or Greedy()
     state = _jit_prefill(graphdef, *args, sampler, key, budgets, max_new_tokens, eos_id)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+from specattn_jax import sharding
 from specattn_jax.attention import (
     AttentionPlan,
     ForwardInfo,
@@ -44,10 +45,10 @@ _INIT_STD = 0.02
 MAX_KERNEL_TOKENS = 16
 
 
-def use_dense_kernel(backend: str, num_new: int, return_summary: bool) -> bool:
+def use_dense_kernel(backend: str, head_dim: int, num_new: int, return_summary: bool) -> bool:
     """Whether a dense layer runs the Pallas verify kernel (GPU decode/verify shapes)."""
     return (
-        pallas_kernels.resolve_backend(backend) == "pallas"
+        pallas_kernels.use_verify_kernel(backend, head_dim)
         and num_new <= MAX_KERNEL_TOKENS
         and not return_summary
     )
@@ -122,6 +123,8 @@ class Attention(nnx.Module):
             self.v_bias = nnx.Param(jnp.zeros((kv_heads, dim), dtype))
             self.o_bias = nnx.Param(jnp.zeros((embed,), dtype))
         self.use_bias = config.attention_bias
+        # A Mesh after `sharding.shard_model`: attention runs per device on its own KV heads.
+        self.mesh = None
 
     def __call__(
         self,
@@ -152,17 +155,21 @@ class Attention(nnx.Module):
             rows = jnp.arange(x.shape[0])[:, None]
             k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
             v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+            k_cache, v_cache = sharding.constrain_kv(self.mesh, k_cache, v_cache)
         num_new = x.shape[1]
+        attend = functools.partial(sharding.head_parallel, self.mesh)
         with jax.named_scope("attention"):
             if plan is None or not plan.sparse_layers[layer_index]:
-                if use_dense_kernel(backend, num_new, return_summary):
-                    out = pallas_kernels.dense_verify_attention(
-                        q, k_cache, v_cache, context_lengths
+                if use_dense_kernel(backend, q.shape[-1], num_new, return_summary):
+                    out = attend(
+                        pallas_kernels.dense_verify_attention, q, k_cache, v_cache, context_lengths
                     )
                     summary = None
                 else:
-                    out, summary = dense_attention(
-                        q, k_cache, v_cache, positions, return_summary=return_summary
+                    out, summary = attend(
+                        functools.partial(dense_attention, return_summary=return_summary),
+                        *(q, k_cache, v_cache, positions),
+                        summary=True,
                     )
                 kv_read = context_lengths + num_new
             else:
@@ -170,15 +177,11 @@ class Attention(nnx.Module):
                     block_indices, block_counts = plan.layer_selection(
                         layer_index, q, k_cache, context_lengths
                     )
-                out = sparse_attention(
-                    q,
-                    k_cache,
-                    v_cache,
-                    block_indices,
-                    block_counts,
-                    context_lengths,
-                    granularity=plan.granularity,
-                    backend=backend,
+                out = attend(
+                    functools.partial(
+                        sparse_attention, granularity=plan.granularity, backend=backend
+                    ),
+                    *(q, k_cache, v_cache, block_indices, block_counts, context_lengths),
                 )
                 kv_read = num_new + context_entries_read(
                     block_indices, block_counts, context_lengths, plan.granularity

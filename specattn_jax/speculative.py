@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from specattn_jax import autoregressive
+from specattn_jax import autoregressive, sharding
 from specattn_jax.acceptance import AcceptanceRule, acceptance_for
 from specattn_jax.cache import KVCache
 from specattn_jax.decoding import (
@@ -361,7 +362,9 @@ def check_compatible(draft: Llama, verifier: Llama, draft_tokenizer=None, verifi
             )
 
 
-def _setup(draft, verifier, prompts, config, max_new_tokens, cache_size, key, eos_id, sampler):
+def _setup(
+    draft, verifier, prompts, config, max_new_tokens, cache_size, key, eos_id, sampler, mesh
+):  # fmt: skip
     check_compatible(draft, verifier)
     tokens, lengths = pad_prompts(prompts)
     if cache_size is None:
@@ -371,14 +374,19 @@ def _setup(draft, verifier, prompts, config, max_new_tokens, cache_size, key, eo
     if config.sparse:
         check_granularity(config.granularity, cache_size)
     selector, layer_map_origin = config.build_selector(draft, verifier, prompts)
+    batch = len(prompts)
+    if mesh is not None:
+        draft, verifier = sharding.shard_pair(draft, verifier, mesh, batch)
     draft_graphdef, draft_params = nnx.split(draft)
     verifier_graphdef, verifier_params = nnx.split(verifier)
-    batch = len(prompts)
     args = (
         (draft_params, verifier_params),
-        jnp.asarray(tokens),
-        jnp.asarray(lengths),
-        (draft.init_cache(batch, cache_size), verifier.init_cache(batch, cache_size)),
+        sharding.put_batch(mesh, tokens),
+        sharding.put_batch(mesh, lengths),
+        (
+            sharding.init_cache(draft, batch, cache_size, mesh),
+            sharding.init_cache(verifier, batch, cache_size, mesh),
+        ),
         acceptance_for(sampler or Greedy()),
         jax.random.key(0) if key is None else key,
         jnp.full((batch,), max_new_tokens, jnp.int32),
@@ -404,6 +412,7 @@ def generate(
     sampler: Sampler | None = None,
     eos_id: int | None | str = "config",
     cache_size: int | None = None,
+    mesh: Mesh | None = None,
 ) -> GenerationResult:
     """Speculative decoding of a batch of prompts, entirely on device.
 
@@ -421,6 +430,9 @@ def generate(
       sampler: `Greedy()` (default) or `Sampling(temperature=, top_k=, top_p=)`.
       eos_id: stop token; "config" takes the verifier config's, None never stops early.
       cache_size: KV positions per sequence (default: padded prompt + budget + gamma + 1).
+      mesh: a ("data", "model") `Mesh` (`sharding.make_mesh`): the verifier runs
+        tensor-parallel over "model" with its KV cache split by KV head, the draft
+        replicated, the batch split over "data". None runs on the default device.
 
     Returns:
       `GenerationResult`: tokens per prompt, and stats (steps, tokens, drafted, accepted,
@@ -435,10 +447,11 @@ def generate(
             key=key,
             eos_id=eos_id,
             cache_size=cache_size,
+            mesh=mesh,
         )
     config = config or SpecConfig()
     models, args, eos_id, context = _setup(
-        draft, verifier, prompts, config, max_new_tokens, cache_size, key, eos_id, sampler
+        draft, verifier, prompts, config, max_new_tokens, cache_size, key, eos_id, sampler, mesh
     )
     state = _generate(models, *args, max_new_tokens, eos_id, config.gamma, config.backend)
     return GenerationResult.from_progress(state.progress, spec_stats(state, **context))
@@ -455,6 +468,7 @@ def generate_stream(
     sampler: Sampler | None = None,
     eos_id: int | None | str = "config",
     cache_size: int | None = None,
+    mesh: Mesh | None = None,
 ) -> Iterator[tuple[list[list[int]], dict]]:
     """Like `generate`, driven from the host: yields (tokens accepted per sequence, running
     stats) after the prefill and after every step, for streaming output."""
@@ -467,11 +481,12 @@ def generate_stream(
             key=key,
             eos_id=eos_id,
             cache_size=cache_size,
+            mesh=mesh,
         )
         return
     config = config or SpecConfig()
     models, args, eos_id, context = _setup(
-        draft, verifier, prompts, config, max_new_tokens, cache_size, key, eos_id, sampler
+        draft, verifier, prompts, config, max_new_tokens, cache_size, key, eos_id, sampler, mesh
     )
     params, *prefill_args, selector = args
     state = _jit_prefill(models, params, *prefill_args, max_new_tokens, eos_id)

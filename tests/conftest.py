@@ -1,7 +1,12 @@
 import os
 from pathlib import Path
 
-import jax
+# Four host devices, so the sharding tests run meshes on CPU (set before JAX starts).
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+).strip()
+
+import jax  # noqa: E402
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")

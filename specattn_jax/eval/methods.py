@@ -50,6 +50,7 @@ class MethodFactory:
       granularity: tokens per block for SpecAttn, the oracle and StreamingLLM (Quest reads
         pages of 16; Double Sparsity reads tokens).
       dense_layers: leading verifier layers every method leaves dense.
+      recent_window: context tokens "specattn_recent" always reads (besides its sinks).
       backend: kernel backend for the top-p search.
     """
 
@@ -59,6 +60,7 @@ class MethodFactory:
     layer_map: LayerMap | None = None
     granularity: int = 1
     dense_layers: int = 2
+    recent_window: int = RECENT_WINDOW
     backend: str = "auto"
     _channels: object = None
 
@@ -86,7 +88,7 @@ class MethodFactory:
                 mapping=self.get_layer_map().mapping,
                 granularity=self.granularity,
                 sinks=RECENT_SINKS if recent else 0,
-                recent=RECENT_WINDOW if recent else 0,
+                recent=self.recent_window if recent else 0,
                 backend=self.backend,
                 **common,
             )

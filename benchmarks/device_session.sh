@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One GPU session in one call: the GPU kernel tests, then the generation and kernel
+# benchmarks, each under its own time limit, logs and JSON under $OUT (default runs/device).
+#
+#   SPECATTN_DATA_DIR=path/to/gutenberg bash benchmarks/device_session.sh
+#
+# Runs from the repository root with the machine's own python3 (jax, flax, torch installed;
+# the package itself need not be: PYTHONPATH points at the checkout).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/device}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+TESTS_S=${TESTS_S:-200} GENERATE_S=${GENERATE_S:-240} KERNELS_S=${KERNELS_S:-170}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())'
+
+echo "== GPU kernel tests"
+timeout "$TESTS_S" python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider 2>&1 \
+  | tee "$OUT/gpu_tests.log" | tail -n 15
+
+echo "== bench_generate"
+timeout "$GENERATE_S" python3 benchmarks/bench_generate.py --out "$OUT/bench_generate.json" \
+  2>&1 | tee "$OUT/bench_generate.log" | tail -n 25
+
+echo "== bench_kernels"
+timeout "$KERNELS_S" python3 benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" \
+  --budget $((KERNELS_S - 50)) --sections "${KERNEL_SECTIONS:-copy,topp,attention:core+queries}" \
+  2>&1 | tee "$OUT/bench_kernels.log" | tail -n 60
