@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/device}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-TESTS_S=${TESTS_S:-200} GENERATE_S=${GENERATE_S:-240} KERNELS_S=${KERNELS_S:-170}
+TESTS_S=${TESTS_S:-150} GENERATE_S=${GENERATE_S:-270} KERNELS_S=${KERNELS_S:-130}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())'
@@ -22,9 +22,9 @@ timeout "$TESTS_S" python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider
 
 echo "== bench_generate"
 timeout "$GENERATE_S" python3 benchmarks/bench_generate.py --out "$OUT/bench_generate.json" \
-  2>&1 | tee "$OUT/bench_generate.log" | tail -n 25
+  --contexts "${CONTEXTS:-32768,16384,4096}" 2>&1 | tee "$OUT/bench_generate.log" | tail -n 25
 
 echo "== bench_kernels"
 timeout "$KERNELS_S" python3 benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" \
-  --budget $((KERNELS_S - 50)) --sections "${KERNEL_SECTIONS:-copy,topp,attention:core+queries}" \
+  --budget $((KERNELS_S - 40)) --sections "${KERNEL_SECTIONS:-copy,topp,attention:core}" \
   2>&1 | tee "$OUT/bench_kernels.log" | tail -n 60
