@@ -13,6 +13,7 @@ Two parts, each printing a table and writing JSON:
     kept fraction measured in (a).
 
     python benchmarks/bench_generate.py --out results.json [--skip-bundled] [--skip-synthetic]
+        [--bundled-from earlier.json]
 """
 
 from __future__ import annotations
@@ -177,64 +178,84 @@ def _shrunk(config: LlamaConfig) -> LlamaConfig:
     )  # fmt: skip
 
 
-def _step_times(verifier, draft, context: int, kept: float, args) -> dict[str, float]:
-    """Median device seconds of one decode step and of a speculative step's parts."""
+# The timed steps. Weights are arguments (never closed over: 13 GB of constants would be
+# baked into the program), graph definitions static, caches donated; one compilation serves
+# every context, since all share one cache allocation and the lengths are arrays.
+
+
+@functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="cache")
+def _decode_step(graphdef, params, tokens, cache, lengths):
+    logits, cache, _ = nnx.merge(graphdef, params)(tokens[:, :1], cache.with_lengths(lengths))
+    return cache, logits
+
+
+@functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="cache")
+def _verify_step(graphdef, params, tokens, cache, lengths, plan):
+    logits, cache, _ = nnx.merge(graphdef, params)(tokens, cache.with_lengths(lengths), plan=plan)
+    return cache, logits
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "gamma"), donate_argnames="cache")
+def _draft_step(graphdef, params, tokens, cache, lengths, key, gamma):
+    _, _, attention, cache = draft_tokens(
+        nnx.merge(graphdef, params), cache.with_lengths(lengths - 1), tokens[:, :2],
+        GreedyAcceptance(), key, gamma,
+    )  # fmt: skip
+    return cache, attention
+
+
+@functools.partial(jax.jit, static_argnames=("num_layers", "cache_size"))
+def _select_step(selector, attention, lengths, num_layers, cache_size):
+    inputs = SelectionInputs(
+        context_lengths=lengths,
+        draft_attention=attention,
+        num_layers=num_layers,
+        cache_size=cache_size,
+    )
+    return attention, selector.plan(inputs)
+
+
+def _step_times(verifier, draft, context: int, size: int, kept: float, args) -> dict[str, float]:
+    """Median device seconds of one decode step and of a speculative step's parts, with
+    `context` tokens in caches of `size` positions."""
     (v_graph, v_params, verifier_config), (d_graph, d_params, draft_config) = verifier, draft
-    gamma, batch, size = args.gamma, 1, context + 64
+    gamma, batch = args.gamma, 1
     key = jax.random.key(context)
     tokens = jax.random.randint(key, (batch, gamma + 1), 0, draft_config.vocab_size, jnp.int32)
     lengths = jnp.full((batch,), context, jnp.int32)
     num_layers = verifier_config.num_hidden_layers
     num_draft_layers = draft_config.num_hidden_layers
-
-    def decode(state):
-        model = nnx.merge(v_graph, v_params)
-        logits, cache, _ = model(tokens[:, :1], state[0].with_lengths(lengths))
-        return cache, logits
-
-    def verify(state, plan):
-        model = nnx.merge(v_graph, v_params)
-        logits, cache, _ = model(tokens, state[0].with_lengths(lengths), plan=plan)
-        return cache, logits
-
-    def draft_phase(state):
-        model = nnx.merge(d_graph, d_params)
-        _, _, attention, cache = draft_tokens(
-            model, state[0].with_lengths(lengths - 1), tokens[:, :2], GreedyAcceptance(),
-            key, gamma,
-        )  # fmt: skip
-        return cache, attention
-
     selector = SpecAttnSelector(
         attn_p=jnp.float32(args.attn_p),
         mapping=tuple(j * num_draft_layers // num_layers for j in range(num_layers)),
         granularity=args.granularity,
     )
-
-    def select(state):
-        inputs = SelectionInputs(
-            context_lengths=lengths,
-            draft_attention=state[0],
-            num_layers=num_layers,
-            cache_size=size,
-        )
-        return state[0], selector.plan(inputs)
-
-    decode = jax.jit(decode, donate_argnums=0)
-    verify = jax.jit(verify, donate_argnums=0)
-    draft_phase = jax.jit(draft_phase, donate_argnums=0)
-    times = {}
-    v_state = (_random_cache(verifier_config, batch, size, context, key), None)
-    times["decode"], v_state = device_time(decode, v_state, calls=args.calls)
-    d_state = (_random_cache(draft_config, batch, size, context, key), None)
-    times["draft"], d_state = device_time(draft_phase, d_state, calls=args.calls)
-    times["select"], _ = device_time(jax.jit(select), (d_state[1], None), calls=args.calls)
     plan = _random_plan(verifier_config, batch, size, context, kept, args.granularity, 2, key)
-    times["verify_dense"], v_state = device_time(
-        functools.partial(verify, plan=None), v_state, calls=args.calls
+    times = {}
+    cache = _random_cache(verifier_config, batch, size, context, key)
+    steps = {
+        "decode": lambda state: _decode_step(v_graph, v_params, tokens, state[0], lengths),
+        "verify_dense": lambda state: _verify_step(
+            v_graph, v_params, tokens, state[0], lengths, None
+        ),
+        "verify_sparse": lambda state: _verify_step(
+            v_graph, v_params, tokens, state[0], lengths, plan
+        ),
+    }
+    state = (cache, None)
+    for name, step in steps.items():
+        times[name], state = device_time(step, state, calls=args.calls)
+    del cache, state
+    draft_state = (_random_cache(draft_config, batch, size, context, key), None)
+    times["draft"], draft_state = device_time(
+        lambda state: _draft_step(d_graph, d_params, tokens, state[0], lengths, key, gamma),
+        draft_state,
+        calls=args.calls,
     )
-    times["verify_sparse"], v_state = device_time(
-        functools.partial(verify, plan=plan), v_state, calls=args.calls
+    times["select"], _ = device_time(
+        lambda state: _select_step(selector, state[0], lengths, num_layers, size),
+        (draft_state[1], None),
+        calls=args.calls,
     )
     return times
 
@@ -254,7 +275,9 @@ def bench_synthetic(args, measured: dict | None, save=lambda part: None) -> dict
     spec_tps = rows["speculative"]["tokens_per_step"] if rows else (gamma + 1) / 2
     specattn_tps = rows["specattn"]["tokens_per_step"] if rows else spec_tps
     results = []
+    size = max(args.contexts) + 64  # one allocation (a multiple of 64) for every context
     report = {
+        "cache_size": size,
         "verifier": dataclasses.asdict(verifier_config),
         "draft": dataclasses.asdict(draft_config),
         "gamma": gamma,
@@ -267,7 +290,7 @@ def bench_synthetic(args, measured: dict | None, save=lambda part: None) -> dict
     for context in args.contexts:
         times = _step_times(
             (v_graph, v_params, verifier_config), (d_graph, d_params, draft_config),
-            context, kept, args,
+            context, size, kept, args,
         )  # fmt: skip
         step_dense = times["draft"] + times["verify_dense"]
         step_sparse = times["draft"] + times["select"] + times["verify_sparse"]
@@ -307,7 +330,8 @@ def print_tables(report: dict) -> None:
     if synthetic:
         print(
             f"\nLlama-2-7B-shaped verifier + TinyLlama-1.1B-shaped draft (random bf16 weights), "
-            f"batch 1, gamma {synthetic['gamma']}: per-step latency, and tokens/s at the "
+            f"batch 1, gamma {synthetic['gamma']}, caches allocated for "
+            f"{synthetic.get('cache_size')} positions: per-step latency, and tokens/s at the "
             f"tokens/step {synthetic['tokens_per_step']} with the sparse verify reading a "
             f"kept fraction of {synthetic['kept_fraction']:.2f}, both "
             f"{synthetic['tokens_per_step_source']}"
@@ -332,6 +356,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench_generate.json")
     parser.add_argument("--skip-bundled", action="store_true")
     parser.add_argument("--skip-synthetic", action="store_true")
+    parser.add_argument(
+        "--bundled-from",
+        help="with --skip-bundled: take part (a)'s measurements from this earlier JSON report",
+    )
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=256)
@@ -356,6 +384,9 @@ def main(argv=None) -> int:
     if not args.skip_bundled:
         report["bundled"] = bench_bundled(args)
         save()
+    elif args.bundled_from:
+        report["bundled"] = json.loads(Path(args.bundled_from).read_text())["bundled"]
+        report["bundled"]["from"] = args.bundled_from
     if not args.skip_synthetic:
         bench_synthetic(args, report.get("bundled"), save)
     save()
