@@ -73,19 +73,22 @@ def _load_pair(args):
     return draft, verifier, tokenizer
 
 
+def _mesh(args):
+    """The `--mesh` option as a `Mesh` (None without it)."""
+    if not args.mesh:
+        return None
+    from specattn_jax.sharding import make_mesh
+
+    return make_mesh(args.mesh)
+
+
 def _spec_config(args):
     """The `SpecConfig` of the generate options (SpecAttn when --attn-p is given)."""
     from specattn_jax.layer_map import LayerMap
     from specattn_jax.speculative import SpecConfig
 
     layer_map = LayerMap.load(args.layer_map) if args.layer_map else None
-    if args.attn_p is not None and layer_map is None and not args.json:
-        print(
-            "note: no --layer-map given; calibrating one on the prompt (run `specattn "
-            "calibrate` once for a better map)",
-            file=sys.stderr,
-        )
-    return SpecConfig(
+    config = SpecConfig(
         gamma=args.gamma,
         attn_p=args.attn_p,
         granularity=args.granularity,
@@ -94,6 +97,13 @@ def _spec_config(args):
         recent=args.recent,
         layer_map=layer_map,
     )
+    if args.attn_p is not None and layer_map is None and not args.json:
+        print(
+            "note: no --layer-map given; calibrating one on the prompt (run `specattn "
+            "calibrate` once for a better map)",
+            file=sys.stderr,
+        )
+    return config
 
 
 def cmd_generate(args) -> None:
@@ -115,6 +125,7 @@ def cmd_generate(args) -> None:
         sampler=make_sampler(args.temperature, args.top_k, args.top_p),
         key=jax.random.key(args.seed),
         cache_size=args.cache_size,
+        mesh=_mesh(args),
     )
     tokens: list[int] = []
     printed = ""
@@ -222,6 +233,11 @@ def cmd_eval_ppl(args) -> None:
     draft, verifier, tokenizer = _load_pair(args)
     if draft is None:
         raise SpecAttnError("eval-ppl needs --draft (its drafts drive every step)")
+    mesh = _mesh(args)
+    if mesh is not None:
+        from specattn_jax.sharding import shard_pair
+
+        draft, verifier = shard_pair(draft, verifier, mesh, args.batch_size)
     protocol = PerplexityProtocol(
         window=args.window, prefix=args.prefix, gamma=args.gamma, batch_size=args.batch_size
     )
@@ -316,6 +332,13 @@ def cmd_demo(args) -> None:
     _emit(args, report, format_report(report))
 
 
+def _add_mesh(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mesh",
+        help="devices to run on, e.g. model=2 (verifier tensor-parallel) or data=2,model=2",
+    )
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -363,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--dense-layers", type=int, default=2)
     generate.add_argument("--sinks", type=int, default=0, help="leading tokens always read")
     generate.add_argument("--recent", type=int, default=0, help="recent tokens always read")
+    _add_mesh(generate)
     _add_common(generate)
     generate.set_defaults(run=cmd_generate)
 
@@ -403,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--granularity", type=int, default=1)
     evaluate.add_argument("--dense-layers", type=int, default=2)
     evaluate.add_argument("--layer-map", help="layer map JSON (default: calibrate)")
+    _add_mesh(evaluate)
     _add_common(evaluate)
     evaluate.set_defaults(run=cmd_eval_ppl)
 
