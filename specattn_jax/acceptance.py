@@ -25,6 +25,10 @@ from specattn_jax.sampling import Greedy, Sampler, Sampling
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GreedyAcceptance:
+    """Greedy acceptance: keep the longest prefix of drafts equal to the verifier's argmax,
+    then the verifier's argmax at the first mismatch (or the bonus token after all gamma).
+    Speculative decoding with it returns exactly the verifier's greedy tokens."""
+
     def sample(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
         """i32[B] tokens drawn from f32[B, V] logits (draft proposals, first tokens)."""
         del rng

@@ -93,6 +93,7 @@ def make_mesh(spec: str | Mapping[str, int] = "model=1", devices=None) -> Mesh:
 
 
 def axis_size(mesh: Mesh | None, axis: str) -> int:
+    """Devices along `axis` of `mesh` (1 without a mesh or for an axis it lacks)."""
     return 1 if mesh is None else int(mesh.shape.get(axis, 1))
 
 
@@ -207,6 +208,7 @@ def check_mesh(mesh: Mesh, config, batch_size: int | None = None) -> None:
 
 
 def check_batch(mesh: Mesh, batch_size: int) -> None:
+    """Raises `SpecAttnError` unless the "data" axis divides the batch."""
     data = axis_size(mesh, DATA)
     if batch_size % data:
         raise SpecAttnError(
