@@ -215,9 +215,12 @@ def _select_step(selector, attention, lengths, num_layers, cache_size):
     return attention, selector.plan(inputs)
 
 
-def _step_times(verifier, draft, context: int, size: int, kept: float, args) -> dict[str, float]:
+def _step_times(
+    verifier, draft, context: int, size: int, kept: float, args, place=lambda cache, tp: cache
+) -> dict[str, float]:
     """Median device seconds of one decode step and of a speculative step's parts, with
-    `context` tokens in caches of `size` positions."""
+    `context` tokens in caches of `size` positions; `place(cache, tensor_parallel)` puts a
+    freshly filled cache on its devices (default: where it was made)."""
     (v_graph, v_params, verifier_config), (d_graph, d_params, draft_config) = verifier, draft
     gamma, batch = args.gamma, 1
     key = jax.random.key(context)
@@ -232,7 +235,7 @@ def _step_times(verifier, draft, context: int, size: int, kept: float, args) -> 
     )
     plan = _random_plan(verifier_config, batch, size, context, kept, args.granularity, 2, key)
     times = {}
-    cache = _random_cache(verifier_config, batch, size, context, key)
+    cache = place(_random_cache(verifier_config, batch, size, context, key), True)
     steps = {
         "decode": lambda state: _decode_step(v_graph, v_params, tokens, state[0], lengths),
         "verify_dense": lambda state: _verify_step(
@@ -246,7 +249,7 @@ def _step_times(verifier, draft, context: int, size: int, kept: float, args) -> 
     for name, step in steps.items():
         times[name], state = device_time(step, state, calls=args.calls)
     del cache, state
-    draft_state = (_random_cache(draft_config, batch, size, context, key), None)
+    draft_state = (place(_random_cache(draft_config, batch, size, context, key), False), None)
     times["draft"], draft_state = device_time(
         lambda state: _draft_step(d_graph, d_params, tokens, state[0], lengths, key, gamma),
         draft_state,

@@ -30,60 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_generate import (  # noqa: E402
     LLAMA2_7B,
     TINYLLAMA_1B,
-    _decode_step,
-    _draft_step,
-    _random_cache,
-    _random_plan,
-    _select_step,
     _shrunk,
-    _verify_step,
-    device_time,
+    _step_times,
 )
 from specattn_jax import sharding  # noqa: E402
 from specattn_jax.model import Llama  # noqa: E402
-from specattn_jax.selection import SpecAttnSelector  # noqa: E402
-
-
-def _sharded_random_cache(config, size, context, key, mesh, head_parallel):
-    """`_random_cache`, generated eagerly (one jitted program generating every layer's
-    gigabytes of random values compiled for minutes on an H200), then placed on `mesh`."""
-    cache = _random_cache(config, 1, size, context, key)
-    return sharding.shard_cache(cache, mesh, head_parallel)
-
-
-def _times_at(context, size, mesh, verifier, draft, selector, args) -> dict[str, float]:
-    """Median device seconds of the verify (dense, sparse), decode, draft and select steps
-    with `context` tokens in caches of `size` positions, on `mesh`."""
-    (v_graph, v_params, verifier_config), (d_graph, d_params, draft_config) = verifier, draft
-    key = jax.random.key(context)
-    tokens = jax.random.randint(key, (1, args.gamma + 1), 0, draft_config.vocab_size)
-    lengths = jnp.full((1,), context, jnp.int32)
-    num_layers = verifier_config.num_hidden_layers
-    plan = _random_plan(verifier_config, 1, size, context, args.kept, args.granularity, 2, key)
-    state = (_sharded_random_cache(verifier_config, size, context, key, mesh, True), None)
-    times = {}
-    for name, step_plan in (("verify_dense", None), ("verify_sparse", plan)):
-        times[name], state = device_time(
-            lambda s, p=step_plan: _verify_step(v_graph, v_params, tokens, s[0], lengths, p),
-            state,
-            calls=args.calls,
-        )
-    times["decode"], state = device_time(
-        lambda s: _decode_step(v_graph, v_params, tokens, s[0], lengths), state, calls=args.calls
-    )
-    del state
-    draft_state = (_sharded_random_cache(draft_config, size, context, key, mesh, False), None)
-    times["draft"], draft_state = device_time(
-        lambda s: _draft_step(d_graph, d_params, tokens, s[0], lengths, key, args.gamma),
-        draft_state,
-        calls=args.calls,
-    )
-    times["select"], _ = device_time(
-        lambda s: _select_step(selector, s[0], lengths, num_layers, size),
-        (draft_state[1], None),
-        calls=args.calls,
-    )
-    return times
 
 
 def bench_mesh(spec: str, args, verifier_config, draft_config) -> list[dict]:
@@ -97,17 +48,12 @@ def bench_mesh(spec: str, args, verifier_config, draft_config) -> list[dict]:
     v_graph, v_params = nnx.split(verifier)
     d_graph, d_params = nnx.split(draft)
     size = max(args.contexts) + 64
-    num_layers = verifier_config.num_hidden_layers
-    selector = SpecAttnSelector(
-        attn_p=jnp.float32(0.97),
-        mapping=tuple(j * draft_config.num_hidden_layers // num_layers for j in range(num_layers)),
-        granularity=args.granularity,
-    )
     rows = []
     for context in args.contexts:
-        times = _times_at(
-            context, size, mesh, (v_graph, v_params, verifier_config),
-            (d_graph, d_params, draft_config), selector, args,
+        times = _step_times(
+            (v_graph, v_params, verifier_config), (d_graph, d_params, draft_config),
+            context, size, args.kept, args,
+            place=lambda cache, tensor_parallel: sharding.shard_cache(cache, mesh, tensor_parallel),
         )  # fmt: skip
         dense_step = times["draft"] + times["verify_dense"]
         sparse_step = times["draft"] + times["select"] + times["verify_sparse"]
@@ -162,6 +108,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gamma", type=int, default=4)
     parser.add_argument("--granularity", type=int, default=16)
     parser.add_argument("--kept", type=float, default=0.49)
+    parser.add_argument("--attn-p", type=float, default=0.97, help="for the select step")
     parser.add_argument("--tokens-per-step", type=float, default=2.34)
     parser.add_argument("--dense-tokens-per-step", type=float, default=2.01)
     parser.add_argument("--calls", type=int, default=10)
