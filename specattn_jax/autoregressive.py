@@ -90,7 +90,7 @@ def _setup(model, prompts, max_new_tokens, cache_size, key, eos_id, mesh):
     cache_size = cache_size or tokens.shape[1] + max_new_tokens
     check_fits_cache(lengths, max_new_tokens, cache_size)
     if mesh is not None:
-        _, model = sharding.shard_pair(None, model, mesh, len(prompts))
+        model = sharding.shard_model(model, mesh)
     graphdef, params = nnx.split(model)
     eos_id = model.config.eos_token_id if eos_id == "config" else eos_id
     args = (

@@ -168,7 +168,10 @@ class Attention(nnx.Module):
                 else:
                     out, summary = attend(
                         functools.partial(dense_attention, return_summary=return_summary),
-                        *(q, k_cache, v_cache, positions),
+                        q,
+                        k_cache,
+                        v_cache,
+                        positions,
                         summary=True,
                     )
                 kv_read = context_lengths + num_new
@@ -181,7 +184,12 @@ class Attention(nnx.Module):
                     functools.partial(
                         sparse_attention, granularity=plan.granularity, backend=backend
                     ),
-                    *(q, k_cache, v_cache, block_indices, block_counts, context_lengths),
+                    q,
+                    k_cache,
+                    v_cache,
+                    block_indices,
+                    block_counts,
+                    context_lengths,
                 )
                 kv_read = num_new + context_entries_read(
                     block_indices, block_counts, context_lengths, plan.granularity

@@ -275,7 +275,7 @@ def shard_pair(draft, verifier, mesh: Mesh, batch_size: int):
     Models already placed this way (e.g. by `load_sharded`) are not moved again.
     """
     check_mesh(mesh, verifier.config, batch_size)
-    return replicate_model(draft, mesh) if draft is not None else None, shard_model(verifier, mesh)
+    return replicate_model(draft, mesh), shard_model(verifier, mesh)
 
 
 def put_batch(mesh: Mesh | None, array) -> jax.Array:

@@ -5,18 +5,16 @@ parameters land sharded as they load, and bad meshes are clear errors."""
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convert._params import model_from_params, params_of
 from specattn_jax import sharding
 from specattn_jax.autoregressive import generate_autoregressive
 from specattn_jax.errors import SpecAttnError
 from specattn_jax.layer_map import calibrate
 from specattn_jax.loading import load_pretrained
 from specattn_jax.speculative import SpecConfig, _generate, _setup, generate
-from specattn_jax.testing import tiny_llama
+from specattn_jax.testing import perturbed_copy, tiny_llama
 
 PROMPTS = [
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the",
@@ -35,12 +33,7 @@ pytestmark = pytest.mark.skipif(
 def pair(stories260k_dir):
     """stories260K (8 query heads, 4 KV heads) as verifier, a noisy copy as draft."""
     verifier, tokenizer = load_pretrained(stories260k_dir / "stories260K.bin")
-    keys = iter(jax.random.split(jax.random.key(1), 1000))
-    noisy = {
-        path: value * (1 + 0.3 * jax.random.normal(next(keys), value.shape))
-        for path, value in params_of(verifier).items()
-    }
-    draft = model_from_params(verifier.config, noisy, jnp.float32, source="noisy")
+    draft = perturbed_copy(verifier)
     prompts = [tokenizer(text)["input_ids"] for text in PROMPTS]
     layer_map = calibrate(draft, verifier, [np.array(p) for p in prompts])
     return draft, verifier, prompts, layer_map

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from convert._params import model_from_params, params_of
 from specattn_jax.acceptance import GreedyAcceptance
 from specattn_jax.cache import KVCache
 from specattn_jax.errors import SpecAttnError
@@ -18,7 +17,7 @@ from specattn_jax.loading import load_pretrained
 from specattn_jax.model import forward
 from specattn_jax.selection import SelectionInputs
 from specattn_jax.speculative import SpecConfig, draft_tokens, generate, kv_reduction
-from specattn_jax.testing import tiny_llama
+from specattn_jax.testing import perturbed_copy, tiny_llama
 
 PROMPTS = [
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the",
@@ -55,12 +54,7 @@ def test_all_layers_dense_equals_dense_speculative_decoding(pair):
 def _noisy_pair(stories260k_dir, dtype):
     """stories260K as verifier; a noisy copy of it as draft (a real, imperfect draft)."""
     verifier, tokenizer = load_pretrained(stories260k_dir / "stories260K.bin", dtype)
-    keys = iter(jax.random.split(jax.random.key(1), 1000))
-    noisy = {
-        path: value * (1 + 0.3 * jax.random.normal(next(keys), value.shape, value.dtype))
-        for path, value in params_of(verifier).items()
-    }
-    draft = model_from_params(verifier.config, noisy, dtype, source="noisy")
+    draft = perturbed_copy(verifier)
     return draft, verifier, [tokenizer(text)["input_ids"] for text in PROMPTS]
 
 

@@ -14,24 +14,13 @@ from specattn_jax.errors import IncompatibleModelsError, SpecAttnError
 from specattn_jax.loading import load_pretrained
 from specattn_jax.sampling import Sampling
 from specattn_jax.speculative import SpecConfig, generate, generate_stream
-from specattn_jax.testing import tiny_llama
-
-
-def _perturbed(model, scale: float, seed: int):
-    """A copy of `model` with relative Gaussian noise on every weight: a draft that agrees
-    with the model often but not always."""
-    keys = iter(jax.random.split(jax.random.key(seed), 1000))
-    noisy = {
-        path: value * (1 + scale * jax.random.normal(next(keys), value.shape))
-        for path, value in params_of(model).items()
-    }
-    return model_from_params(model.config, noisy, jnp.float32, source="perturbed")
+from specattn_jax.testing import perturbed_copy, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def stories_pair(stories260k_dir):
     verifier, tokenizer = load_pretrained(stories260k_dir / "stories260K.bin")
-    return _perturbed(verifier, 0.3, seed=1), verifier, tokenizer
+    return perturbed_copy(verifier, 0.3, seed=1), verifier, tokenizer
 
 
 PROMPTS = {

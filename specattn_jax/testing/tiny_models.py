@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -80,6 +81,19 @@ def tiny_llama(seed: int = 0, dtype=jnp.float32, **config_kwargs) -> Llama:
     """A random NNX `Llama` of `tiny_hf_config(**config_kwargs)` (no torch needed)."""
     config = LlamaConfig.from_hf(tiny_hf_config(**config_kwargs))
     return Llama(config, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+def perturbed_copy(model: Llama, scale: float = 0.3, seed: int = 1) -> Llama:
+    """A copy of `model` with relative Gaussian noise (`scale`) on every weight, in the
+    model's dtype: a draft that agrees with the model often but not always."""
+    from convert._params import model_from_params, params_of
+
+    keys = iter(jax.random.split(jax.random.key(seed), 1000))
+    noisy = {
+        path: value * (1 + scale * jax.random.normal(next(keys), value.shape, value.dtype))
+        for path, value in params_of(model).items()
+    }
+    return model_from_params(model.config, noisy, model.dtype, source="perturbed copy")
 
 
 def max_relative_error(actual, expected) -> float:
