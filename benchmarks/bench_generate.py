@@ -197,11 +197,11 @@ def _verify_step(graphdef, params, tokens, cache, lengths, plan):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "gamma"), donate_argnames="cache")
 def _draft_step(graphdef, params, tokens, cache, lengths, key, gamma):
-    _, _, attention, cache = draft_tokens(
+    drafts = draft_tokens(
         nnx.merge(graphdef, params), cache.with_lengths(lengths - 1), tokens[:, :2],
         GreedyAcceptance(), key, gamma,
     )  # fmt: skip
-    return cache, attention
+    return drafts.cache, drafts.attention
 
 
 @functools.partial(jax.jit, static_argnames=("num_layers", "cache_size"))

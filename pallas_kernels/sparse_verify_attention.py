@@ -91,7 +91,7 @@ def sparse_verify_attention_kernel(
     o_ref,  # [M_pad, D] f32 unnormalised output of this split
     l_ref,  # [M_pad] f32 softmax denominators of this split
     m_ref,  # [M_pad] f32 running max (log2 units) of this split
-    *,
+    *read_ref,  # ([M_pad] i32: KV rows this split loaded, on every lane) if counting reads
     sm_scale: float,
     granularity: int,
     block_k: int,
@@ -143,6 +143,7 @@ def sparse_verify_attention_kernel(
     query_token = lax.div(jnp.arange(rows, dtype=jnp.int32), q_heads_per_kv_head)
     new_visible = new_valid[None, :] & (new[None, :] <= query_token[:, None])
     carry = step(carry, new_positions, new_valid, new_visible)
+    rows_loaded = jnp.sum(new_valid.astype(jnp.int32))
 
     # The selected context as a flat list of rows j = entry * g + offset; split `split` takes
     # rows [start, end), an equal share rounded up to whole steps.
@@ -154,15 +155,19 @@ def sparse_verify_attention_kernel(
     lanes = jnp.arange(block_k, dtype=jnp.int32)
 
     def body(i, carry):
+        softmax_state, lanes_loaded = carry
         flat = start + i * block_k + lanes
         in_list = flat < end
         entry = lax.shift_right_logical(flat, log2_granularity)
         block_ids = pltriton.load(indices_ref.at[entry], mask=in_list, other=0)
         positions = block_ids * granularity + (flat & (granularity - 1))
         valid = in_list & (positions >= 0) & (positions < length)
-        return step(carry, positions, valid, valid[None, :])
+        softmax_state = step(softmax_state, positions, valid, valid[None, :])
+        return softmax_state, lanes_loaded + valid.astype(jnp.int32)
 
-    acc, m_i, l_i = lax.fori_loop(0, num_steps, body, carry)
+    (acc, m_i, l_i), lanes_loaded = lax.fori_loop(
+        0, num_steps, body, (carry, jnp.zeros((block_k,), jnp.int32))
+    )
     num_valid_rows = num_queries * q_heads_per_kv_head
     if num_valid_rows == rows:
         o_ref[...] = acc
@@ -175,6 +180,9 @@ def sparse_verify_attention_kernel(
         )
     l_ref[...] = l_i
     m_ref[...] = m_i
+    if read_ref:  # the rows whose K and V this program loaded: new tokens + selected context
+        rows_loaded = rows_loaded + jnp.sum(lanes_loaded)
+        read_ref[0][...] = jnp.full((rows,), rows_loaded, jnp.int32)
 
 
 def cdiv_dynamic(a, b):
@@ -196,6 +204,7 @@ def _sparse_verify_attention_unbatched(
     num_warps: int,
     num_stages: int,
     mask_value: float,
+    return_reads: bool,
     interpret: bool,
     debug: bool,
 ):
@@ -223,7 +232,12 @@ def _sparse_verify_attention_unbatched(
         q_heads_per_kv_head=q_heads_per_kv_head,
         mask_value=mask_value,
     )
-    o, l, m = pl.pallas_call(
+    split_outputs = [
+        ((num_kv_heads, num_splits, rows_padded, head_dim), jnp.float32),  # o
+        ((num_kv_heads, num_splits, rows_padded), jnp.float32),  # l
+        ((num_kv_heads, num_splits, rows_padded), jnp.float32),  # m
+    ] + [((num_kv_heads, num_splits, rows_padded), jnp.int32)] * return_reads  # rows loaded
+    o, l, m, *reads = pl.pallas_call(
         kernel,
         grid=(num_kv_heads, num_splits),
         in_specs=[
@@ -234,16 +248,8 @@ def _sparse_verify_attention_unbatched(
             pl.BlockSpec((1,), lambda h, s: (0,)),  # block_count
             pl.BlockSpec((1,), lambda h, s: (0,)),  # context_length
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, rows_padded, head_dim), lambda h, s: (h, s, 0, 0)),  # o
-            pl.BlockSpec((None, None, rows_padded), lambda h, s: (h, s, 0)),  # l
-            pl.BlockSpec((None, None, rows_padded), lambda h, s: (h, s, 0)),  # m
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((num_kv_heads, num_splits, rows_padded, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((num_kv_heads, num_splits, rows_padded), jnp.float32),
-            jax.ShapeDtypeStruct((num_kv_heads, num_splits, rows_padded), jnp.float32),
-        ],
+        out_specs=[_per_program_block(shape) for shape, _ in split_outputs],
+        out_shape=[jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in split_outputs],
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         debug=debug,
@@ -258,7 +264,16 @@ def _sparse_verify_attention_unbatched(
     out = (o * weight[..., None]).sum(axis=1)  # [H_kv, M, D]
     out = out / (denominator[..., None] + jnp.finfo(jnp.float32).eps)
     out = out.reshape(num_kv_heads, num_queries, q_heads_per_kv_head, head_dim)
-    return out.transpose(1, 0, 2, 3).reshape(num_queries, num_heads, head_dim).astype(q.dtype)
+    out = out.transpose(1, 0, 2, 3).reshape(num_queries, num_heads, head_dim).astype(q.dtype)
+    if return_reads:
+        return out, reads[0][:, :, 0].sum(axis=1)  # i32[H_kv] rows loaded over the splits
+    return out
+
+
+def _per_program_block(shape: tuple[int, ...]) -> pl.BlockSpec:
+    """The block of an output [H_kv, splits, ...] that program (h, s) writes."""
+    trailing = (0,) * (len(shape) - 2)
+    return pl.BlockSpec((None, None, *shape[2:]), lambda h, s: (h, s, *trailing))
 
 
 def kernel_supports(head_dim: int) -> bool:
@@ -300,7 +315,15 @@ def _check_inputs(q, k_cache, v_cache, block_indices, block_counts, context_leng
 
 @functools.partial(
     jax.jit,
-    static_argnames=("granularity", "sm_scale", "block_sizes", "mask_value", "interpret", "debug"),
+    static_argnames=(
+        "granularity",
+        "sm_scale",
+        "block_sizes",
+        "mask_value",
+        "return_reads",
+        "interpret",
+        "debug",
+    ),
 )
 def sparse_verify_attention(
     q: jax.Array,  # [B, T, H, D]
@@ -314,9 +337,10 @@ def sparse_verify_attention(
     sm_scale: float | None = None,
     block_sizes: BlockSizes | None = None,
     mask_value: float = DEFAULT_MASK_VALUE,
+    return_reads: bool = False,
     interpret: bool = False,
     debug: bool = False,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Verify attention over the selected KV blocks plus the new tokens (Pallas kernel).
 
     Args:
@@ -330,10 +354,14 @@ def sparse_verify_attention(
       granularity: tokens per block, one of (1, 16, 32, 64).
       sm_scale: softmax scale, 1/sqrt(D) if None.
       block_sizes: tiling (`BlockSizes.get_default` if None).
-      mask_value, interpret, debug: the finite masked logit; forwarded to `pallas_call`.
+      mask_value: the finite masked logit.
+      return_reads: also return what the kernel read: i32[B, H_kv], per sequence and KV
+        head, the cache rows whose keys and values its programs loaded (counted in the
+        kernel from its load masks: the new tokens plus the selected context).
+      interpret, debug: forwarded to `pallas_call`.
 
     Returns:
-      [B, T, H, D] in q's dtype (float32 accumulation).
+      [B, T, H, D] in q's dtype (float32 accumulation); with `return_reads`, (that, reads).
     """
     _check_inputs(q, k_cache, v_cache, block_indices, block_counts, context_lengths, granularity)
     batch, num_queries, num_heads, head_dim = q.shape
@@ -355,6 +383,7 @@ def sparse_verify_attention(
         num_warps=block_sizes.num_warps,
         num_stages=block_sizes.num_stages,
         mask_value=mask_value,
+        return_reads=return_reads,
         interpret=interpret,
         debug=debug,
     )
@@ -392,7 +421,7 @@ def dense_verify_attention(
     *,
     granularity: int = 64,
     **kwargs,
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Dense verify: `sparse_verify_attention` with every context block selected."""
     indices, counts = dense_block_list(context_lengths, k_cache.shape[1], granularity)
     return sparse_verify_attention(
@@ -417,12 +446,13 @@ def sparse_verify_attention_dispatch(
     *,
     granularity: int,
     sm_scale: float | None = None,
+    return_reads: bool = False,
     backend: str = "auto",
-) -> jax.Array:
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """`sparse_verify_attention` on GPU ("pallas"), the reference elsewhere ("reference").
 
     backend: "auto" (the kernel on a CUDA GPU for head dims it supports, else the
-    reference), "pallas" or "reference".
+    reference), "pallas" or "reference". `return_reads`: as both ops define it.
     """
     op = (
         sparse_verify_attention
@@ -438,6 +468,7 @@ def sparse_verify_attention_dispatch(
         context_lengths,
         granularity=granularity,
         sm_scale=sm_scale,
+        return_reads=return_reads,
     )
 
 
@@ -464,7 +495,7 @@ def selection_mask(
     return context[:, None, :] | new
 
 
-@functools.partial(jax.jit, static_argnames=("granularity", "sm_scale"))
+@functools.partial(jax.jit, static_argnames=("granularity", "sm_scale", "return_reads"))
 def sparse_verify_attention_reference(
     q: jax.Array,  # [B, T, H, D]
     k_cache: jax.Array,  # [B, S, H_kv, D]
@@ -475,8 +506,14 @@ def sparse_verify_attention_reference(
     *,
     granularity: int,
     sm_scale: float | None = None,
-) -> jax.Array:
-    """Plain-jnp float32 definition of `sparse_verify_attention` (same data arguments)."""
+    return_reads: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Plain-jnp float32 definition of `sparse_verify_attention` (same data arguments).
+
+    It computes logits over every cache position and masks them, so the keys and values it
+    does not select must be finite. With `return_reads`, it also returns i32[B, H_kv]: the
+    positions its mask lets some query attend (the same for every KV head).
+    """
     _check_inputs(q, k_cache, v_cache, block_indices, block_counts, context_lengths, granularity)
     batch, num_queries, num_heads, head_dim = q.shape
     _, seq_len, num_kv_heads, _ = k_cache.shape
@@ -496,4 +533,8 @@ def sparse_verify_attention_reference(
     out = jnp.einsum(
         "bkgts,bskd->btkgd", probs, v_cache.astype(jnp.float32), precision=lax.Precision.HIGHEST
     )
-    return out.reshape(q.shape).astype(q.dtype)
+    out = out.reshape(q.shape).astype(q.dtype)
+    if return_reads:
+        reads = jnp.sum(mask.any(axis=1), axis=-1, dtype=jnp.int32)  # [B]
+        return out, jnp.broadcast_to(reads[:, None], (batch, num_kv_heads))
+    return out

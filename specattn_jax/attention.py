@@ -1,6 +1,11 @@
 """Attention over the KV cache: dense (prefill, decode, dense verify) and sparse (verify that
 reads only the KV blocks an `AttentionPlan` selects).
 
+Every attention function returns, besides its output, what it read: i32[B] cache positions
+per sequence whose keys and values it consumed, counted by the function that read them (the
+Pallas kernel from its load masks, the jnp paths from their attention masks). The KV-read
+statistics are sums of these counts, never recomputed from the selection.
+
 Shapes: `B` batch, `T` new query tokens, `S` cache positions, `H` query heads, `H_kv` KV
 heads, `G = H // H_kv`, `D` head dim, `N` selected blocks, `L` layers.
 """
@@ -61,9 +66,10 @@ class ForwardInfo:
     Attributes:
       attention: f32[L, B, T, S] head-mean attention probabilities over cache positions (when
         asked for; sparse layers report zeros), else None.
-      kv_read: i32[L, B] KV entries each layer read per sequence, at the granularity read
-        (the selected context clipped to its length, plus the T new tokens).
-      kv_dense: i32[B] entries a dense layer reads: context + T.
+      kv_read: i32[L, B] cache positions each layer's attention read per sequence, as counted
+        by the attention that read them (the selected context, at the granularity read and
+        clipped to the context, plus the T new tokens).
+      kv_dense: i32[B] positions a dense layer reads: context + T.
       queries: [L, B, T, H, D] every layer's RoPE'd queries (when asked for), else None.
     """
 
@@ -73,17 +79,9 @@ class ForwardInfo:
     queries: jax.Array | None = None
 
 
-def context_entries_read(
-    block_indices: jax.Array,  # i32[B, N]
-    block_counts: jax.Array,  # i32[B]
-    context_lengths: jax.Array,  # i32[B]
-    granularity: int,
-) -> jax.Array:
-    """i32[B]: context positions covered by the selected blocks, clipped to the context."""
-    starts = block_indices * granularity
-    sizes = jnp.clip(context_lengths[:, None] - starts, 0, granularity)
-    valid = jnp.arange(block_indices.shape[1])[None, :] < block_counts[:, None]
-    return jnp.sum(jnp.where(valid, sizes, 0), axis=1).astype(jnp.int32)
+def _per_sequence(reads: jax.Array) -> jax.Array:
+    """i32[B] from the kernels' i32[B, H_kv]: every KV head reads the same positions."""
+    return jnp.max(reads, axis=1)
 
 
 def dense_attention(
@@ -93,12 +91,12 @@ def dense_attention(
     query_positions: jax.Array,  # i32[B, T]
     *,
     return_summary: bool = False,
-) -> tuple[jax.Array, jax.Array | None]:
-    """Causal attention of new queries over the cache (new keys already written).
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Causal attention of new queries over the cache (new keys already written), in XLA.
 
     Query t of row b reads every cache position s <= query_positions[b, t]. Returns the output
-    [B, T, H, D] (q's dtype) and, if asked, the head-mean attention probabilities
-    f32[B, T, S] (zero at positions not read).
+    [B, T, H, D] (q's dtype), the positions read i32[B], and, if asked, the head-mean
+    attention probabilities f32[B, T, S] (zero at positions not read).
     """
     batch, num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
@@ -111,7 +109,20 @@ def dense_attention(
     probs = jax.nn.softmax(scores, axis=-1)  # [B, H_kv, G, T, S]
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
     summary = probs.mean(axis=(1, 2)) if return_summary else None
-    return out.reshape(batch, num_tokens, num_heads, head_dim), summary
+    reads = jnp.sum(visible.any(axis=1), axis=-1, dtype=jnp.int32)
+    return out.reshape(batch, num_tokens, num_heads, head_dim), reads, summary
+
+
+def dense_kernel_attention(
+    q: jax.Array,  # [B, T, H, D]
+    k: jax.Array,  # [B, S, H_kv, D]
+    v: jax.Array,  # [B, S, H_kv, D]
+    context_lengths: jax.Array,  # i32[B]
+) -> tuple[jax.Array, jax.Array]:
+    """Dense decode/verify through the Pallas verify kernel (every context block selected):
+    (output [B, T, H, D], positions read i32[B])."""
+    out, reads = pallas_kernels.dense_verify_attention(q, k, v, context_lengths, return_reads=True)
+    return out, _per_sequence(reads)
 
 
 def sparse_attention(
@@ -124,15 +135,15 @@ def sparse_attention(
     *,
     granularity: int,
     backend: str = "auto",
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array]:
     """Verify attention reading only the selected context blocks plus the new tokens.
 
     The new T tokens sit at positions `context_lengths[b] + t` (already written) and are
-    attended causally whatever the selection. Returns [B, T, H, D] in q's dtype. `backend`
-    picks the Pallas kernel ("pallas"), the jnp reference ("reference"), or the kernel on GPU
-    and the reference elsewhere ("auto").
+    attended causally whatever the selection. Returns the output [B, T, H, D] in q's dtype
+    and the positions read i32[B]. `backend` picks the Pallas kernel ("pallas"), the jnp
+    reference ("reference"), or the kernel on GPU and the reference elsewhere ("auto").
     """
-    return pallas_kernels.sparse_verify_attention_dispatch(
+    out, reads = pallas_kernels.sparse_verify_attention_dispatch(
         q,
         k,
         v,
@@ -140,5 +151,7 @@ def sparse_attention(
         block_counts,
         context_lengths,
         granularity=granularity,
+        return_reads=True,
         backend=backend,
     )
+    return out, _per_sequence(reads)

@@ -32,8 +32,8 @@ from specattn_jax import sharding
 from specattn_jax.attention import (
     AttentionPlan,
     ForwardInfo,
-    context_entries_read,
     dense_attention,
+    dense_kernel_attention,
     sparse_attention,
 )
 from specattn_jax.cache import KVCache
@@ -140,8 +140,8 @@ class Attention(nnx.Module):
         backend: str,
     ):
         """Returns the output [B, T, E], the layer's updated caches, the head-mean attention
-        f32[B, T, S] (or None), the KV entries read per sequence i32[B] and the RoPE'd
-        queries [B, T, H, D]."""
+        f32[B, T, S] (or None), the cache positions the attention read per sequence i32[B]
+        and the RoPE'd queries [B, T, H, D]."""
         with jax.named_scope("qkv"):
             q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...])
             k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...])
@@ -161,12 +161,12 @@ class Attention(nnx.Module):
         with jax.named_scope("attention"):
             if plan is None or not plan.sparse_layers[layer_index]:
                 if use_dense_kernel(backend, q.shape[-1], num_new, return_summary):
-                    out = attend(
-                        pallas_kernels.dense_verify_attention, q, k_cache, v_cache, context_lengths
+                    out, kv_read = attend(
+                        dense_kernel_attention, q, k_cache, v_cache, context_lengths
                     )
                     summary = None
                 else:
-                    out, summary = attend(
+                    out, kv_read, summary = attend(
                         functools.partial(dense_attention, return_summary=return_summary),
                         q,
                         k_cache,
@@ -174,13 +174,12 @@ class Attention(nnx.Module):
                         positions,
                         summary=True,
                     )
-                kv_read = context_lengths + num_new
             else:
                 with jax.named_scope("select"):
                     block_indices, block_counts = plan.layer_selection(
                         layer_index, q, k_cache, context_lengths
                     )
-                out = attend(
+                out, kv_read = attend(
                     functools.partial(
                         sparse_attention, granularity=plan.granularity, backend=backend
                     ),
@@ -190,9 +189,6 @@ class Attention(nnx.Module):
                     block_indices,
                     block_counts,
                     context_lengths,
-                )
-                kv_read = num_new + context_entries_read(
-                    block_indices, block_counts, context_lengths, plan.granularity
                 )
                 summary = None
         out = jnp.einsum("bthd,hde->bte", out.astype(x.dtype), self.o_proj[...])

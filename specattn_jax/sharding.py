@@ -366,9 +366,11 @@ def head_parallel(
     batch rows ("data") and its contiguous slice of KV heads ("model") with the query heads
     that read them (heads are KV-head-major, so those are contiguous too), plus its rows of
     the per-sequence arguments (positions, selected block lists and counts, lengths: the
-    same for every head). No KV entry crosses devices. `fn` returns the output [B, T, H, D];
-    with `summary=True` it returns (output, head-mean f32[B, T, S] or None), and the
-    per-device head means are averaged over "model" (equal head counts per device).
+    same for every head). No KV entry crosses devices. `fn` returns (output [B, T, H, D],
+    positions read i32[B]); with `summary=True`, (output, positions read, head-mean
+    f32[B, T, S] or None), and the per-device head means are averaged over "model" (equal
+    head counts per device). Every device reads the same positions for its own heads, so the
+    count needs no communication.
     """
     if mesh is None:
         return fn(q, k_cache, v_cache, *per_sequence)
@@ -376,19 +378,20 @@ def head_parallel(
     rows = tuple(P(DATA, *(None,) * (x.ndim - 1)) for x in per_sequence)
 
     def per_device(q, k_cache, v_cache, *per_sequence):
-        out = fn(q, k_cache, v_cache, *per_sequence)
+        outputs = fn(q, k_cache, v_cache, *per_sequence)
         if not summary:
-            return out
-        out, probs = out
-        return out, None if probs is None else jax.lax.pmean(probs, MODEL)
+            return outputs
+        out, reads, probs = outputs
+        return out, reads, None if probs is None else jax.lax.pmean(probs, MODEL)
 
-    # check_vma=False: the Pallas kernel has no varying-manual-axes rule; the only
-    # collective is the pmean above, whose output is replicated over "model" by construction.
+    # check_vma=False: the Pallas kernel has no varying-manual-axes rule. The only collective
+    # is the pmean above, whose output is replicated over "model" by construction, as are the
+    # read counts (the same positions on every device).
     mapped = jax.shard_map(
         per_device,
         mesh=mesh,
         in_specs=(heads, kv_heads, kv_heads, *rows),
-        out_specs=(heads, P(DATA)) if summary else heads,
+        out_specs=(heads, P(DATA), P(DATA)) if summary else (heads, P(DATA)),
         check_vma=False,
     )
     return mapped(q, k_cache, v_cache, *per_sequence)

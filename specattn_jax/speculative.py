@@ -161,9 +161,11 @@ class SpecState:
       drafted: i32[B] draft tokens proposed while the sequence was active.
       accepted: i32[B] draft tokens kept.
       active_steps: i32[B] steps taken while the sequence was active.
-      kv_read: f32[N_steps, L_v] KV entries each verifier layer read per step, summed over
-        the active sequences.
-      kv_dense: f32[N_steps] entries a dense layer would have read, likewise.
+      kv_read: f32[N_steps, L_v] cache positions each verifier layer's attention read per
+        step, summed over the active sequences.
+      kv_dense: f32[N_steps] positions a dense layer would have read, likewise.
+      draft_kv_read: f32[N_steps] positions the draft's attention read per step, summed over
+        its layers, its forwards and the active sequences.
     """
 
     progress: DecodeProgress
@@ -178,6 +180,7 @@ class SpecState:
     active_steps: jax.Array  # i32[B]
     kv_read: jax.Array  # f32[N_steps, L_v]
     kv_dense: jax.Array  # f32[N_steps]
+    draft_kv_read: jax.Array  # f32[N_steps]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +191,28 @@ class _Models:
     verifier: nnx.GraphDef
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Drafts:
+    """What the draft proposes in one speculative step.
+
+    Attributes:
+      tokens: i32[B, gamma] drafted tokens.
+      logits: f32[B, gamma, V] the draft's logits that produced them.
+      attention: f32[gamma, L_d, B, S] the draft's head-mean attention of each drafting query
+        over the cache, or None when not asked for.
+      cache: the draft's cache, lengths advanced by gamma + 1.
+      kv_read: i32[B] cache positions the draft's attention read, over its layers and
+        forwards.
+    """
+
+    tokens: jax.Array
+    logits: jax.Array
+    attention: jax.Array | None
+    cache: KVCache
+    kv_read: jax.Array
+
+
 def draft_tokens(
     draft: Llama,
     cache: KVCache,
@@ -196,13 +221,12 @@ def draft_tokens(
     key: jax.Array,
     gamma: int,
     return_attention: bool = True,
-) -> tuple[jax.Array, jax.Array, jax.Array | None, KVCache]:
+) -> Drafts:
     """Proposes `gamma` tokens per sequence.
 
-    `cache.lengths` must be the position of `last_two[:, 0]`. Returns the drafted tokens
-    i32[B, gamma], their logits f32[B, gamma, V], the draft's head-mean attention of each
-    drafting query over the cache f32[gamma, L_d, B, S] (None unless `return_attention`),
-    and the cache (lengths advanced by gamma + 1).
+    `cache.lengths` must be the position of `last_two[:, 0]`. The first forward feeds both
+    tokens (T = 2), the next gamma - 1 one drafted token each; the attention rows are those
+    of the gamma queries that produced a draft.
     """
     logits, cache, info = draft(last_two, cache, return_attention=return_attention)
     first = rule.sample(logits[:, 1], jax.random.fold_in(key, 0))
@@ -212,9 +236,9 @@ def draft_tokens(
         logits, cache, info = draft(token[:, None], cache, return_attention=return_attention)
         next_token = rule.sample(logits[:, 0], jax.random.fold_in(key, index))
         attention = info.attention[:, :, 0] if return_attention else None
-        return (next_token, cache), (token, logits[:, 0], attention)
+        return (next_token, cache), (token, logits[:, 0], attention, info.kv_read.sum(0))
 
-    (last, cache), (tokens, step_logits, step_attention) = jax.lax.scan(
+    (last, cache), (tokens, step_logits, step_attention, step_reads) = jax.lax.scan(
         one_token, (first, cache), jnp.arange(1, gamma)
     )
     # scan collected the inputs of steps 1..gamma-1: d_1..d_{gamma-1}; d_gamma is `last`.
@@ -223,7 +247,8 @@ def draft_tokens(
     all_attention = None
     if return_attention:
         all_attention = jnp.concatenate([info.attention[None, :, :, 1], step_attention], axis=0)
-    return tokens, all_logits, all_attention, cache
+    kv_read = info.kv_read.sum(0) + step_reads.sum(0)
+    return Drafts(tokens, all_logits, all_attention, cache, kv_read)
 
 
 def spec_step(
@@ -246,9 +271,10 @@ def spec_step(
     with jax.named_scope("draft"):
         draft_cache = state.draft_cache.with_lengths(state.seq_lengths - 2)
         need_attention = selector is not None and selector.needs_draft_attention
-        drafted, draft_logits, draft_attention, draft_cache = draft_tokens(
+        drafts = draft_tokens(
             draft, draft_cache, state.last_two, rule, draft_key, gamma, need_attention
         )
+        drafted = drafts.tokens
     verifier_cache = state.verifier_cache.with_lengths(state.seq_lengths - 1)
     plan = None
     if selector is not None:
@@ -256,7 +282,7 @@ def spec_step(
             plan = selector.plan(
                 SelectionInputs(
                     context_lengths=verifier_cache.lengths,
-                    draft_attention=draft_attention,
+                    draft_attention=drafts.attention,
                     num_layers=verifier.config.num_hidden_layers,
                     cache_size=verifier_cache.max_len,
                 )
@@ -267,7 +293,7 @@ def spec_step(
             verify_tokens, verifier_cache, plan=plan, backend=backend
         )
     with jax.named_scope("accept"):
-        num_accepted, next_token = rule.accept(drafted, draft_logits, verifier_logits, accept_key)
+        num_accepted, next_token = rule.accept(drafted, drafts.logits, verifier_logits, accept_key)
         offsets = jnp.arange(gamma + 1)[None, :]
         padded_drafts = jnp.pad(drafted, ((0, 0), (0, 1)))
         new_tokens = jnp.where(offsets == num_accepted[:, None], next_token[:, None], padded_drafts)
@@ -275,9 +301,10 @@ def spec_step(
         seq_lengths = state.seq_lengths + taken
         history = jnp.concatenate([state.last_two, new_tokens], axis=1)
         last_two = jnp.take_along_axis(history, taken[:, None] + jnp.arange(2)[None, :], axis=1)
+    active_rows = active.astype(jnp.float32)
     return SpecState(
         progress=progress,
-        draft_cache=draft_cache.with_lengths(seq_lengths - 2),
+        draft_cache=drafts.cache.with_lengths(seq_lengths - 2),
         verifier_cache=verifier_cache.with_lengths(seq_lengths - 1),
         seq_lengths=seq_lengths,
         last_two=last_two,
@@ -287,10 +314,13 @@ def spec_step(
         accepted=state.accepted + jnp.where(active, num_accepted, 0),
         active_steps=state.active_steps + active.astype(jnp.int32),
         kv_read=state.kv_read.at[state.step].set(
-            info.kv_read.astype(jnp.float32) @ active.astype(jnp.float32), mode="drop"
+            info.kv_read.astype(jnp.float32) @ active_rows, mode="drop"
         ),
         kv_dense=state.kv_dense.at[state.step].set(
-            info.kv_dense.astype(jnp.float32) @ active.astype(jnp.float32), mode="drop"
+            info.kv_dense.astype(jnp.float32) @ active_rows, mode="drop"
+        ),
+        draft_kv_read=state.draft_kv_read.at[state.step].set(
+            drafts.kv_read.astype(jnp.float32) @ active_rows, mode="drop"
         ),
     )
 
@@ -323,6 +353,7 @@ def _prefill(models, params, tokens, lengths, caches, rule, key, budgets, max_ne
         active_steps=zeros,
         kv_read=jnp.zeros((max_new, num_layers), jnp.float32),
         kv_dense=jnp.zeros((max_new,), jnp.float32),
+        draft_kv_read=jnp.zeros((max_new,), jnp.float32),
     )
 
 
@@ -393,11 +424,16 @@ def _setup(
         selector,
     )
     eos_id = verifier.config.eos_token_id if eos_id == "config" else eos_id
+    num_layers = verifier.config.num_hidden_layers
+    # The selector's own dense layers (a baseline brings its own), not the config's.
     sparse_layers = sparse_layer_flags(
-        verifier.config.num_hidden_layers,
-        config.dense_layers if selector is not None else verifier.config.num_hidden_layers,
+        num_layers, selector.dense_layers if selector is not None else num_layers
     )
-    context = {"layer_map": layer_map_origin, "sparse_layers": sparse_layers}
+    context = {
+        "layer_map": layer_map_origin,
+        "sparse_layers": sparse_layers,
+        "entry_bytes": (kv_entry_bytes(draft), kv_entry_bytes(verifier)),
+    }
     return _Models(draft_graphdef, verifier_graphdef), args, eos_id, context
 
 
@@ -521,12 +557,54 @@ def kv_reduction(
     return float(overall), per_layer.tolist(), per_step.tolist()
 
 
-def spec_stats(state: SpecState, layer_map: str = "", sparse_layers: Sequence[bool] = ()) -> dict:
+def kv_entry_bytes(model: Llama) -> int:
+    """Bytes one cache position costs to read in one layer: its key and value, all KV heads."""
+    config = model.config
+    return 2 * config.num_key_value_heads * config.head_dim * jnp.dtype(model.dtype).itemsize
+
+
+def kv_bill(
+    kv_read: np.ndarray,  # f[N, L_v]
+    kv_dense: np.ndarray,  # f[N]
+    draft_kv_read: np.ndarray,  # f[N]
+    sparse_layers: Sequence[bool],
+    entry_bytes: tuple[int, int],
+) -> dict:
+    """Every KV read of a run, in cache positions x layers summed over steps and sequences,
+    and in bytes (`entry_bytes`: per position and layer, (draft, verifier)).
+
+    Keys: kv_read_sparse_layers, kv_dense_sparse_layers (what those layers would have read
+    densely), kv_read_dense_layers (the verifier's always-dense layers), kv_read_draft (all
+    draft layers and forwards), kv_bytes_verifier, kv_bytes_verifier_if_dense, kv_bytes_draft,
+    and kv_reduction_verifier (over all verifier layers)."""
+    sparse = np.asarray(sparse_layers, bool)
+    per_layer = np.asarray(kv_read, np.float64).sum(0)
+    dense_total = float(np.asarray(kv_dense, np.float64).sum())
+    draft_bytes, verifier_bytes = entry_bytes
+    read, if_dense = per_layer.sum(), dense_total * len(per_layer)
+    return {
+        "kv_read_sparse_layers": int(per_layer[sparse].sum()),
+        "kv_dense_sparse_layers": int(dense_total * sparse.sum()),
+        "kv_read_dense_layers": int(per_layer[~sparse].sum()),
+        "kv_read_draft": int(np.asarray(draft_kv_read, np.float64).sum()),
+        "kv_bytes_verifier": int(read * verifier_bytes),
+        "kv_bytes_verifier_if_dense": int(if_dense * verifier_bytes),
+        "kv_bytes_draft": int(np.asarray(draft_kv_read, np.float64).sum() * draft_bytes),
+        "kv_reduction_verifier": float(1 - read / if_dense) if if_dense else 0.0,
+    }
+
+
+def spec_stats(
+    state: SpecState,
+    layer_map: str = "",
+    sparse_layers: Sequence[bool] = (),
+    entry_bytes: tuple[int, int] = (0, 0),
+) -> dict:
     """Statistics of a run: steps, tokens, drafted/accepted, acceptance rate, tokens/step,
-    and the measured KV reduction (overall, per layer, per step)."""
-    reduction, per_layer, per_step = kv_reduction(
-        np.asarray(state.kv_read), np.asarray(state.kv_dense), sparse_layers
-    )
+    the measured KV reduction of the sparse layers (overall, per layer, per step), and the
+    whole KV bill (`kv_bill`: dense layers and the draft included)."""
+    kv_read, kv_dense = np.asarray(state.kv_read), np.asarray(state.kv_dense)
+    reduction, per_layer, per_step = kv_reduction(kv_read, kv_dense, sparse_layers)
     tokens = int(np.sum(np.asarray(state.progress.num_generated)))
     drafted = int(np.sum(np.asarray(state.drafted)))
     accepted = int(np.sum(np.asarray(state.accepted)))
@@ -543,5 +621,6 @@ def spec_stats(state: SpecState, layer_map: str = "", sparse_layers: Sequence[bo
         "kv_reduction": reduction,
         "kv_reduction_per_layer": per_layer,
         "kv_reduction_per_step": per_step,
+        **kv_bill(kv_read, kv_dense, np.asarray(state.draft_kv_read), sparse_layers, entry_bytes),
         "layer_map": layer_map,
     }

@@ -1,23 +1,17 @@
 """SpecAttn: exactness at p = 1, exactness of the speculative machinery at p < 1, measured KV
 reduction, and the errors for bad settings."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from specattn_jax.acceptance import GreedyAcceptance
-from specattn_jax.cache import KVCache
 from specattn_jax.errors import SpecAttnError
 from specattn_jax.layer_map import LayerMap, calibrate
 from specattn_jax.loading import load_pretrained
-from specattn_jax.model import forward
-from specattn_jax.selection import SelectionInputs
-from specattn_jax.speculative import SpecConfig, draft_tokens, generate, kv_reduction
+from specattn_jax.speculative import SpecConfig, generate, kv_reduction
 from specattn_jax.testing import perturbed_copy, tiny_llama
+from tests.reference_llama import ReferenceLlama, specattn_greedy
 
 PROMPTS = [
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the",
@@ -61,78 +55,15 @@ def _noisy_pair(stories260k_dir, dtype):
 STEPWISE_CACHE = 128
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "gamma"))
-def _draft_from_scratch(graphdef, state, sequence, length, gamma):
-    """The draft prefilled densely on sequence[:length - 2] (i32[1, STEPWISE_CACHE] padded),
-    then drafting gamma tokens from the last two: (drafts i32[1, gamma], attention)."""
-    draft = nnx.merge(graphdef, state)
-    cache = draft.init_cache(1, STEPWISE_CACHE)
-    _, cache, _ = draft(sequence, cache, num_tokens=(length - 2)[None])
-    last_two = jax.lax.dynamic_slice_in_dim(sequence, length - 2, 2, axis=1)
-    drafted, _, attention, _ = draft_tokens(
-        draft, cache.with_lengths((length - 2)[None]), last_two, GreedyAcceptance(),
-        jax.random.key(0), gamma,
-    )  # fmt: skip
-    return drafted, attention
-
-
-def _truncated(cache, length: int):
-    """A fresh cache holding exactly the first `length` entries of `cache` (no stale ones)."""
-    keep = lambda x: jnp.zeros_like(x).at[:, :length].set(x[:, :length])  # noqa: E731
-    return KVCache(
-        k=tuple(map(keep, cache.k)),
-        v=tuple(map(keep, cache.v)),
-        lengths=jnp.full_like(cache.lengths, length),
-    )
-
-
-def _stepwise_sparse_greedy(draft, verifier, prompt, config, layer_map, max_new_tokens):
-    """Greedy SpecAttn written out plainly, for one sequence: no rollback by lengths, no
-    batching, no while_loop, no reuse of the draft's cache. Each step prefills the (dense)
-    draft from scratch, drafts, selects, verifies sparsely, accepts, and cuts the verifier's
-    cache to the accepted positions by copying them into a fresh cache. (The verifier's
-    cache is kept across steps because its entries come from the sparse forwards that fed
-    each token: a dense re-prefill would compute other keys and values.)"""
-    selector, _ = config.build_selector(draft, verifier, [prompt])
-    rule = GreedyAcceptance()
-    draft_graphdef, draft_state = nnx.split(draft)
-    verifier_graphdef, verifier_state = nnx.split(verifier)
-    logits, verifier_cache, _ = verifier(
-        jnp.array([prompt]), verifier.init_cache(1, STEPWISE_CACHE)
-    )
-    sequence = list(prompt) + [int(jnp.argmax(logits[0, -1]))]
-    while len(sequence) - len(prompt) < max_new_tokens:
-        padded = (
-            jnp.zeros((1, STEPWISE_CACHE), jnp.int32)
-            .at[0, : len(sequence)]
-            .set(jnp.array(sequence, jnp.int32))
-        )
-        drafted, attention = _draft_from_scratch(
-            draft_graphdef, draft_state, padded, jnp.int32(len(sequence)), config.gamma
-        )
-        plan = selector.plan(
-            SelectionInputs(
-                context_lengths=verifier_cache.lengths,
-                draft_attention=attention,
-                num_layers=verifier.config.num_hidden_layers,
-                cache_size=STEPWISE_CACHE,
-            )
-        )
-        verify_tokens = jnp.concatenate([jnp.array([sequence[-1:]]), drafted], axis=1)
-        logits, verifier_cache, _ = forward(
-            verifier_graphdef, verifier_state, verify_tokens, verifier_cache, plan=plan
-        )
-        accepted, next_token = rule.accept(drafted, None, logits, None)
-        sequence += [int(t) for t in drafted[0, : int(accepted[0])]] + [int(next_token[0])]
-        verifier_cache = _truncated(verifier_cache, len(sequence) - 1)
-    return sequence[len(prompt) : len(prompt) + max_new_tokens]
-
-
 @pytest.mark.parametrize("granularity", [1, 16])
-def test_sparse_greedy_equals_stepwise_sparse_verifier(stories260k_dir, granularity):
-    """In float64, so that the different but equivalent orders of arithmetic of the two
-    paths (one-token vs many-token matmuls) cannot flip a top-p choice at its threshold:
-    what is compared is the machinery (rollback, batching, the loop), not rounding."""
+def test_sparse_greedy_equals_an_independent_stepwise_reference(stories260k_dir, granularity):
+    """Batched SpecAttn `generate` against `tests/reference_llama.py`: a float64 numpy Llama
+    that re-prefills the draft every step, selects by sorting, and verifies through boolean
+    position masks (no plan, selector, cache rollback or kernel of the library). Tokens and
+    every KV read (per verifier layer group, and the draft's) must agree exactly.
+
+    In float64, so that the different but equivalent orders of arithmetic of the two paths
+    cannot flip a greedy choice or a top-p boundary."""
     with jax.enable_x64(True):
         draft, verifier, prompts = _noisy_pair(stories260k_dir, jnp.float64)
         layer_map = calibrate(draft, verifier, [np.array(p) for p in prompts])
@@ -141,10 +72,32 @@ def test_sparse_greedy_equals_stepwise_sparse_verifier(stories260k_dir, granular
             draft, verifier, prompts, config, max_new_tokens=24, eos_id=None,
             cache_size=STEPWISE_CACHE,
         )  # fmt: skip
-        assert result.stats["kv_reduction"] > 0.1  # the verifier really read less
-        for prompt, tokens in zip(prompts, result.tokens, strict=True):
-            expected = _stepwise_sparse_greedy(draft, verifier, prompt, config, layer_map, 24)
-            assert tokens == expected
+    draft_ref, verifier_ref = ReferenceLlama(draft), ReferenceLlama(verifier)
+    runs = [
+        specattn_greedy(
+            draft_ref,
+            verifier_ref,
+            prompt,
+            mapping=layer_map.mapping,
+            attn_p=0.6,
+            granularity=granularity,
+            dense_layers=config.dense_layers,
+            gamma=3,
+            max_new_tokens=24,
+            cache_size=STEPWISE_CACHE,
+        )  # fmt: skip
+        for prompt in prompts
+    ]
+    assert result.tokens == [run.tokens for run in runs]
+    reads = np.sum([run.verifier_reads for run in runs], axis=0)
+    stats = result.stats
+    assert stats["kv_read_dense_layers"] == reads[: config.dense_layers].sum()
+    assert stats["kv_read_sparse_layers"] == reads[config.dense_layers :].sum()
+    assert stats["kv_read_draft"] == sum(run.draft_reads for run in runs)
+    assert stats["kv_reduction"] > 0.1  # the verifier really read less
+    assert stats["kv_reduction"] == pytest.approx(
+        1 - reads[config.dense_layers :].sum() / stats["kv_dense_sparse_layers"], abs=1e-12
+    )
 
 
 def test_kv_reduction_statistics_are_consistent(pair):

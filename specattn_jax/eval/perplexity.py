@@ -116,16 +116,17 @@ def _score_windows(graphdefs, params, windows, selector, protocol, backend):
         ell = prefix + index * (gamma + 1)  # ground-truth tokens known; the last is pending
         last_two = jax.lax.dynamic_slice_in_dim(windows, ell - 2, 2, axis=1)
         draft_cache = draft_cache.with_lengths(rows * (ell - 2))
-        _, _, attention, draft_cache = draft_tokens(
+        drafts = draft_tokens(
             draft, draft_cache, last_two, rule, jax.random.key(0), gamma, need_attention
         )
+        draft_cache = drafts.cache
         verifier_cache = verifier_cache.with_lengths(rows * (ell - 1))
         plan = None
         if selector is not None:
             plan = selector.plan(
                 SelectionInputs(
                     context_lengths=verifier_cache.lengths,
-                    draft_attention=attention,
+                    draft_attention=drafts.attention,
                     num_layers=verifier.config.num_hidden_layers,
                     cache_size=size,
                 )
