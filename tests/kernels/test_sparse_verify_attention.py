@@ -4,6 +4,8 @@ independent float64 gather formulation."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,9 @@ from hypothesis import strategies as st
 import pallas_kernels as pk
 from tests.kernels.base import KernelTestBase
 from tests.tolerances import tolerance
+
+# The module (the package re-exports a function of the same name).
+svmod = importlib.import_module("pallas_kernels.sparse_verify_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +76,18 @@ def make_selection(key, context_lengths, counts_wanted, seq_len, granularity, ju
             indices[b, count:] = 0
         counts.append(count)
     return jnp.asarray(indices, jnp.int32), jnp.asarray(counts, jnp.int32)
+
+
+def readable_positions(indices, counts, lengths, num_queries, seq_len, granularity):
+    """bool[B, S] numpy: the positions a selection lets some query read, from the explicit
+    set of each listed block's context positions, plus the new tokens."""
+    readable = np.zeros((len(lengths), seq_len), bool)
+    for b, length in enumerate(np.asarray(lengths)):
+        for block in np.asarray(indices[b, : int(counts[b])]):
+            start = max(int(block) * granularity, 0)
+            readable[b, start : min((int(block) + 1) * granularity, int(length))] = True
+        readable[b, length : length + num_queries] = True
+    return readable
 
 
 def gather_attention_f64(q, k, v, indices, counts, lengths, granularity, sm_scale=None):
@@ -201,6 +218,39 @@ class SparseVerifyAttentionCases(KernelTestBase):
         )
         np.testing.assert_allclose(out, dense, **tolerance(jnp.float32))
 
+    @pytest.mark.parametrize("granularity", [1, 16])
+    def test_unselected_entries_are_never_loaded_and_loads_are_counted(self, granularity):
+        """NaN in every K and V row the selection leaves out (junk ids after each count
+        included): the output is finite and bit-identical to the clean run's, and the rows
+        the kernel counts as loaded are exactly the selected context plus the new tokens."""
+        num_heads, num_kv_heads = self.heads("32/8")
+        num_queries, seq_len = 5, self.seq_len()
+        lengths, wanted = self.ragged_lengths(num_queries)
+        k_inputs, k_select = jax.random.split(jax.random.key(10 + granularity))
+        q, k, v = make_qkv(
+            k_inputs, 4, num_queries, num_heads, num_kv_heads, 64, seq_len, jnp.bfloat16
+        )
+        indices, counts = make_selection(k_select, lengths, wanted, seq_len, granularity)
+        readable = readable_positions(indices, counts, lengths, num_queries, seq_len, granularity)
+        keep = jnp.asarray(readable)[:, :, None, None]
+        k_nan, v_nan = jnp.where(keep, k, jnp.nan), jnp.where(keep, v, jnp.nan)
+        run = functools.partial(
+            pk.sparse_verify_attention,
+            granularity=granularity,
+            return_reads=True,
+            interpret=self.INTERPRET,
+        )
+        clean, clean_reads = run(q, k, v, indices, counts, lengths)
+        out, reads = run(q, k_nan, v_nan, indices, counts, lengths)
+        assert bool(jnp.isfinite(out).all())
+        np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(clean, np.float32))
+        expected = np.broadcast_to(readable.sum(-1)[:, None], (4, num_kv_heads))
+        np.testing.assert_array_equal(np.asarray(reads), expected)
+        np.testing.assert_array_equal(np.asarray(clean_reads), expected)
+        # Not vacuous: a dense read of the same cache meets the NaN.
+        dense = pk.dense_verify_attention(q, k_nan, v_nan, lengths, interpret=self.INTERPRET)
+        assert not bool(jnp.isfinite(dense).all())
+
     @pytest.mark.parametrize("num_splits", [1, 3])
     def test_split_counts_agree(self, num_splits):
         num_heads, num_kv_heads = self.heads("32/8")
@@ -218,13 +268,17 @@ class SparseVerifyAttentionCases(KernelTestBase):
             lengths,
             granularity=1,
             block_sizes=pk.SparseVerifyBlockSizes(block_k=16, num_splits=num_splits),
+            return_reads=True,
             interpret=self.INTERPRET,
         )
+        out, reads = out
         assert bool(jnp.isfinite(out).all())
         expected = pk.sparse_verify_attention_reference(
             q, k, v, indices, counts, lengths, granularity=1
         )
         np.testing.assert_allclose(out, expected, **tolerance(jnp.float32))
+        readable = readable_positions(indices, counts, lengths, 5, self.seq_len(), 1)
+        np.testing.assert_array_equal(reads, np.repeat(readable.sum(-1)[:, None], 2, axis=1))
 
     @settings(
         max_examples=8,
@@ -297,23 +351,55 @@ def test_reference_matches_gather_formulation(granularity):
     np.testing.assert_allclose(out, expected, **tolerance(jnp.float32))
 
 
-def test_dispatch_and_backend_switch():
-    q, k, v = make_qkv(jax.random.key(7), 2, 3, 4, 2, 16, 64, jnp.float32)
-    lengths = jnp.asarray([10, 40], jnp.int32)
-    indices, counts = make_selection(jax.random.key(8), lengths, [1, -1], 64, 16)
-    expected = pk.sparse_verify_attention_reference(
-        q, k, v, indices, counts, lengths, granularity=16
+def test_reference_ignores_unselected_finite_garbage():
+    """The reference reads every position and masks the logits: large finite garbage outside
+    the selection leaves its output and its count unchanged, and a dense read sees it."""
+    seq_len, num_queries, granularity = 200, 5, 16
+    lengths = jnp.asarray([0, 1, 77, seq_len - num_queries], jnp.int32)
+    q, k, v = make_qkv(jax.random.key(11), 4, num_queries, 6, 2, 16, seq_len, jnp.float32)
+    indices, counts = make_selection(
+        jax.random.key(12), lengths, [3, 1, 2, -1], seq_len, granularity
     )
-    for backend in ("reference", "auto"):
-        out = pk.sparse_verify_attention_dispatch(
-            q, k, v, indices, counts, lengths, granularity=16, backend=backend
-        )
-        np.testing.assert_array_equal(out, expected)
+    readable = readable_positions(indices, counts, lengths, num_queries, seq_len, granularity)
+    keep = jnp.asarray(readable)[:, :, None, None]
+    garbage = 1e4 * jax.random.normal(jax.random.key(13), k.shape)
+    k_bad, v_bad = jnp.where(keep, k, garbage), jnp.where(keep, v, -garbage)
+    run = functools.partial(
+        pk.sparse_verify_attention_reference, granularity=granularity, return_reads=True
+    )
+    clean, clean_reads = run(q, k, v, indices, counts, lengths)
+    out, reads = run(q, k_bad, v_bad, indices, counts, lengths)
+    np.testing.assert_array_equal(out, clean)
+    np.testing.assert_array_equal(reads, clean_reads)
+    np.testing.assert_array_equal(reads, np.repeat(readable.sum(-1)[:, None], 2, axis=1))
+    all_blocks = pk.dense_block_list(lengths, seq_len, granularity)
+    dense_bad, _ = run(q, k_bad, v_bad, *all_blocks, lengths)
+    dense, _ = run(q, k, v, *all_blocks, lengths)
+    assert float(jnp.abs(dense_bad - dense).max()) > 1.0
+
+
+def test_dispatch_routes_by_backend(monkeypatch):
+    """ "reference" runs the reference, "pallas" the kernel, "auto" the kernel exactly where
+    the default device is a CUDA GPU and the head dim is supported (routing only: the values
+    are compared by the kernel tests above)."""
+    calls = []
+    for name in ("sparse_verify_attention", "sparse_verify_attention_reference"):
+        monkeypatch.setattr(svmod, name, lambda *a, name=name, **kw: calls.append(name))
+    args = (jnp.zeros((1, 1, 2, 16)),) + (jnp.zeros((1, 8, 1, 16)),) * 2
+    lists = (jnp.zeros((1, 1), jnp.int32), jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.int32))
+    on_gpu = pk.default_backend() == "pallas"
+    for backend, head_dim, expected in [
+        ("reference", 16, "sparse_verify_attention_reference"),
+        ("pallas", 16, "sparse_verify_attention"),
+        ("auto", 16, "sparse_verify_attention" if on_gpu else "sparse_verify_attention_reference"),
+        ("auto", 24, "sparse_verify_attention_reference"),  # no kernel for this head dim
+    ]:
+        q, k, v = (x[..., :head_dim] for x in args)
+        pk.sparse_verify_attention_dispatch(q, k, v, *lists, granularity=16, backend=backend)
+        assert calls.pop() == expected, (backend, head_dim)
     assert pk.resolve_backend("auto") == pk.default_backend()
     with pytest.raises(ValueError, match="backend"):
-        pk.sparse_verify_attention_dispatch(
-            q, k, v, indices, counts, lengths, granularity=16, backend="cuda"
-        )
+        pk.sparse_verify_attention_dispatch(*args, *lists, granularity=16, backend="cuda")
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@ properties against a sort-based float64 top-p."""
 
 from __future__ import annotations
 
+import importlib
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,6 +14,9 @@ from hypothesis import strategies as st
 import pallas_kernels as pk
 from pallas_kernels.top_p_select import DEFAULT_NUM_ITERS
 from tests.kernels.base import KernelTestBase
+
+# The module (the package re-exports a function of the same name).
+topmod = importlib.import_module("pallas_kernels.top_p_select")
 
 KINDS = ("softmax", "peaked", "flat", "tied", "zeros", "sparse", "longtail")
 
@@ -216,10 +221,20 @@ def test_exact_reference_agrees_on_simple_rows():
         assert int(counts[0]) == int(counts_exact[0]) == count
 
 
-def test_dispatch_matches_reference():
-    weights = make_weights(3, 2, 2, 100)
-    args = (weights, jnp.asarray([0.9, 0.3], jnp.float32), jnp.asarray([100, 41], jnp.int32))
-    got = pk.top_p_select_dispatch(*args, granularity=16, backend="auto")
-    assert_same_selection(got, pk.top_p_select_reference(*args, granularity=16))
-    with pytest.raises(ValueError, match="granularity"):
-        pk.top_p_select_dispatch(*args, granularity=8, backend="reference")
+def test_dispatch_routes_by_backend(monkeypatch):
+    """ "reference" runs the reference, "pallas" the kernel, "auto" the kernel exactly where
+    the default device is a CUDA GPU (routing only: the kernel tests compare the values)."""
+    calls = []
+    for name in ("top_p_select", "top_p_select_reference"):
+        monkeypatch.setattr(topmod, name, lambda *a, name=name, **kw: calls.append(name))
+    args = (make_weights(3, 2, 2, 100), jnp.asarray([0.9, 0.3]), jnp.asarray([100, 41]))
+    on_gpu = pk.default_backend() == "pallas"
+    for backend, expected in [
+        ("reference", "top_p_select_reference"),
+        ("pallas", "top_p_select"),
+        ("auto", "top_p_select" if on_gpu else "top_p_select_reference"),
+    ]:
+        pk.top_p_select_dispatch(*args, granularity=16, backend=backend)
+        assert calls.pop() == expected, backend
+    with pytest.raises(ValueError, match="backend"):
+        pk.top_p_select_dispatch(*args, granularity=16, backend="cuda")
