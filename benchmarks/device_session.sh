@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One GPU session in one call: the GPU kernel tests, then the generation and kernel
-# benchmarks, each under its own time limit, logs and JSON under $OUT (default runs/device).
+# One GPU session in one call: every GPU test (kernels, sparsity evidence, exactness), then
+# the generation and kernel benchmarks, each under its own time limit, logs and JSON under
+# $OUT (default runs/device). BENCHMARKS lists which benchmarks run (default all three;
+# "none" for the tests alone).
 #
 #   SPECATTN_DATA_DIR=path/to/gutenberg bash benchmarks/device_session.sh
 #
@@ -11,20 +13,33 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/device}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-TESTS_S=${TESTS_S:-150} GENERATE_S=${GENERATE_S:-270} KERNELS_S=${KERNELS_S:-130}
+TESTS_S=${TESTS_S:-240} GENERATE_S=${GENERATE_S:-200} KERNELS_S=${KERNELS_S:-110}
+COUNTS_S=${COUNTS_S:-60} BENCHMARKS=${BENCHMARKS:-generate,kernels,read_counts}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())'
 
-echo "== GPU kernel tests"
-timeout "$TESTS_S" python3 -m pytest -q -m gpu tests/kernels -p no:cacheprovider 2>&1 \
-  | tee "$OUT/gpu_tests.log" | tail -n 15
+echo "== GPU tests"
+SPECATTN_REPORT_DIR=$OUT timeout "$TESTS_S" python3 -m pytest -q -s -m gpu tests/kernels \
+  tests/test_sparsity_evidence.py tests/test_gpu_exactness.py \
+  -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/gpu_tests.log" \
+  | grep -E "^\{'check'|passed|failed|FAILED|Error" | tail -n 30
 
-echo "== bench_generate"
-timeout "$GENERATE_S" python3 benchmarks/bench_generate.py --out "$OUT/bench_generate.json" \
-  --contexts "${CONTEXTS:-32768,16384,4096}" 2>&1 | tee "$OUT/bench_generate.log" | tail -n 25
+if [[ $BENCHMARKS == *generate* ]]; then
+  echo "== bench_generate"
+  timeout "$GENERATE_S" python3 benchmarks/bench_generate.py --out "$OUT/bench_generate.json" \
+    --contexts "${CONTEXTS:-32768,16384,4096}" 2>&1 | tee "$OUT/bench_generate.log" | tail -n 25
+fi
 
-echo "== bench_kernels"
-timeout "$KERNELS_S" python3 benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" \
-  --budget $((KERNELS_S - 40)) --sections "${KERNEL_SECTIONS:-copy,topp,attention:core}" \
-  2>&1 | tee "$OUT/bench_kernels.log" | tail -n 60
+if [[ $BENCHMARKS == *kernels* ]]; then
+  echo "== bench_kernels"
+  timeout "$KERNELS_S" python3 benchmarks/bench_kernels.py --out "$OUT/bench_kernels.json" \
+    --budget $((KERNELS_S - 40)) --sections "${KERNEL_SECTIONS:-copy,topp,attention:core}" \
+    2>&1 | tee "$OUT/bench_kernels.log" | tail -n 60
+fi
+
+if [[ $BENCHMARKS == *read_counts* ]]; then
+  echo "== bench_read_counts"
+  timeout "$COUNTS_S" python3 benchmarks/bench_read_counts.py --out "$OUT/bench_read_counts.json" \
+    2>&1 | tee "$OUT/bench_read_counts.log" | tail -n 8
+fi
