@@ -223,7 +223,7 @@ class GenerateSparsityCases:
         sparse = run(config)
         dense = run(SpecConfig(gamma=3, backend=self.BACKEND))
         assert sparse.tokens != dense.tokens  # not vacuous: the selection changes the output
-        assert sparse.stats["kv_reduction"] > 0.2
+        assert sparse.stats["kv_reduction"] > 0.1
 
         original = model_module.sparse_attention
         try:
