@@ -4,6 +4,7 @@ Public ops:
   top_p_select / top_p_select_reference / top_p_exact_reference / top_p_select_dispatch
   sparse_verify_attention / sparse_verify_attention_reference / dense_verify_attention /
   sparse_verify_attention_dispatch / dense_block_list / use_verify_kernel
+  scatter_rows (a row-batched scatter that XLA partitions over rows without gathers)
 
 Backend switch: every `*_dispatch` op takes backend="auto" | "pallas" | "reference";
 "auto" runs the Pallas kernel when `default_backend()` is "pallas" (a CUDA GPU) and the jnp
@@ -18,6 +19,9 @@ from pallas_kernels._common import (
 )
 from pallas_kernels._common import (
     resolve_backend as resolve_backend,
+)
+from pallas_kernels._common import (
+    scatter_rows as scatter_rows,
 )
 from pallas_kernels.sparse_verify_attention import (
     BlockSizes as SparseVerifyBlockSizes,
@@ -71,6 +75,7 @@ __all__ = [
     "dense_block_list",
     "dense_verify_attention",
     "resolve_backend",
+    "scatter_rows",
     "selection_mask",
     "sparse_verify_attention",
     "sparse_verify_attention_dispatch",

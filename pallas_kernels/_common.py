@@ -43,6 +43,20 @@ def resolve_backend(backend: str) -> str:
     return default_backend() if backend == "auto" else backend
 
 
+def scatter_rows(target: jax.Array, index: jax.Array, values: jax.Array) -> jax.Array:
+    """`target[r, index[r, k]] = values[r, k]` for every row r, indices past a row dropped.
+
+    target: [R, N, ...]; index: i32[R, K]; values: [R, K, ...] (target's trailing shape).
+    One scatter batched over rows (`vmap`), so XLA writes a target split over its rows on
+    each device in place; a scatter through explicit row indices would be gathered first.
+    """
+
+    def write_row(row, row_index, row_values):
+        return row.at[row_index].set(row_values.astype(row.dtype), mode="drop")
+
+    return jax.vmap(write_row)(target, index, values)
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (and >= 1)."""
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

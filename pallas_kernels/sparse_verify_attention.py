@@ -35,6 +35,7 @@ from pallas_kernels._common import (
     log2_exact,
     next_power_of_2,
     resolve_backend,
+    scatter_rows,
 )
 
 GRANULARITIES = (1, 16, 32, 64)
@@ -485,8 +486,9 @@ def selection_mask(
     num_blocks = cdiv(seq_len, granularity)
     in_list = jnp.arange(num_slots)[None, :] < block_counts[:, None]
     ids = jnp.where(in_list & (block_indices >= 0), block_indices, num_blocks)
-    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], ids.shape)
-    blocks = jnp.zeros((batch, num_blocks), jnp.bool_).at[rows, ids].set(True, mode="drop")
+    blocks = scatter_rows(
+        jnp.zeros((batch, num_blocks), jnp.bool_), ids, jnp.ones(ids.shape, jnp.bool_)
+    )
     positions = jnp.arange(seq_len)
     selected = jnp.repeat(blocks, granularity, axis=1)[:, :seq_len]
     context = selected & (positions[None, :] < context_lengths[:, None])  # [B, S]

@@ -41,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._common import cdiv, next_power_of_2, resolve_backend
+from pallas_kernels._common import cdiv, next_power_of_2, resolve_backend, scatter_rows
 
 DEFAULT_NUM_ITERS = 32
 GRANULARITIES = (1, 16, 32, 64)
@@ -562,10 +562,8 @@ def _compact_blocks(selected, granularity):
     counts = block_selected.sum(axis=-1, dtype=jnp.int32)
     dest = jnp.where(block_selected, jnp.cumsum(block_selected, axis=-1) - 1, num_blocks)
     ids = jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.int32), dest.shape)
-    rows = jnp.broadcast_to(jnp.arange(num_rows)[:, None], dest.shape)
     indices = jnp.full((num_rows, num_blocks), FILL_INDEX, jnp.int32)
-    indices = indices.at[rows, dest].set(ids, mode="drop")
-    return indices, counts
+    return scatter_rows(indices, dest, ids), counts
 
 
 @functools.partial(jax.jit, static_argnames=("granularity", "num_iters"))

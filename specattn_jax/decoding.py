@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import scatter_rows
 from specattn_jax.errors import SpecAttnError
 
 PAD_TOKEN = -1
@@ -69,8 +70,7 @@ class DecodeProgress:
         take = jnp.minimum(take, self.budgets - self.num_generated)
         positions = self.num_generated[:, None] + offsets[None, :]
         positions = jnp.where(offsets[None, :] < take[:, None], positions, self.output.shape[1])
-        rows = jnp.arange(tokens.shape[0])[:, None]
-        output = self.output.at[rows, positions].set(tokens, mode="drop")
+        output = scatter_rows(self.output, positions, tokens)
         num_generated = self.num_generated + take
         done = self.done | (num_generated >= self.budgets)
         if eos_id is not None:

@@ -36,7 +36,7 @@ from specattn_jax.attention import (
     dense_kernel_attention,
     sparse_attention,
 )
-from specattn_jax.cache import KVCache
+from specattn_jax.cache import KVCache, write_rows
 from specattn_jax.config import LlamaConfig
 
 _INIT_STD = 0.02
@@ -152,9 +152,8 @@ class Attention(nnx.Module):
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
         with jax.named_scope("cache_update"):
-            rows = jnp.arange(x.shape[0])[:, None]
-            k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
-            v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+            k_cache = write_rows(k_cache, k, positions)
+            v_cache = write_rows(v_cache, v, positions)
             k_cache, v_cache = sharding.constrain_kv(self.mesh, k_cache, v_cache)
         num_new = x.shape[1]
         attend = functools.partial(sharding.head_parallel, self.mesh)

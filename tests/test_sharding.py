@@ -69,15 +69,41 @@ def test_sharded_autoregressive_returns_the_unsharded_tokens(pair):
     assert got.tokens == expected.tokens
 
 
-def _collectives(hlo_text: str, op: str) -> list[str]:
-    return [line for line in hlo_text.splitlines() if re.search(rf"= \S+ {op}(-start)?\(", line)]
+COLLECTIVE = re.compile(
+    r"= (\S+) (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter|"
+    r"collective-broadcast)(?:-start)?\("
+)
+
+
+def _collectives(hlo_text: str) -> list[tuple[str, str, str]]:
+    """(kind, result shape, op_name) of every collective in compiled HLO text."""
+    found = []
+    for line in hlo_text.splitlines():
+        match = COLLECTIVE.search(line)
+        if match:
+            name = re.search(r'op_name="([^"]+)"', line)
+            found.append((match.group(2), match.group(1), name.group(1) if name else ""))
+    return found
+
+
+def _dims(shape: str) -> list[int]:
+    return [int(d) for d in re.search(r"\[([\d,]*)\]", shape).group(1).split(",") if d]
 
 
 @pytest.mark.parametrize("decoder", ["dense", "specattn"])
-def test_compiled_step_never_gathers_the_kv_cache(pair, decoder):
-    """The whole jitted generation (prefill + while_loop of spec_step) on model=2 x data=2:
-    no all-gather produces an array with the cache's position axis, and the verifier's cache
-    stays split by KV head in the output."""
+def test_compiled_generation_has_exactly_the_designed_collectives(pair, decoder):
+    """The whole jitted generation (prefill + while_loop of spec_step) on data=2 x model=2.
+
+    Named by the design (sharding.py): per verifier forward, one all-reduce after o_proj
+    and one after down_proj in every layer. The listed others, each justified:
+      * one all-reduce per verifier forward for the embedding lookup (the table is split by
+        vocabulary: each device contributes the rows it holds);
+      * one all-reduce of the loop condition (are all sequences done; the batch is split);
+      * two all-gathers per greedy choice (the prefill's first token, each step's
+        acceptance): the argmax over vocabulary-split logits gathers each device's best
+        value and index, [B / data, T, model].
+    Nothing else: the draft is replicated, attention and cache writes are per device, and
+    the selection runs on replicated data."""
     draft, verifier, prompts, layer_map = pair
     mesh = sharding.make_mesh("data=2,model=2")
     config = _configs(layer_map)[decoder]
@@ -86,14 +112,28 @@ def test_compiled_step_never_gathers_the_kv_cache(pair, decoder):
         draft, verifier, prompts, config, 24, cache_size, None, "config", None, mesh
     )
     compiled = _generate.lower(models, *args, 24, eos_id, config.gamma, config.backend).compile()
-    hlo = compiled.as_text()
-    gathers = _collectives(hlo, "all-gather")
-    kv = verifier.config
-    for line in gathers:
-        shape = re.search(r"= \w+\[([\d,]*)\]", line)
-        dims = [int(d) for d in shape.group(1).split(",") if d] if shape else []
-        assert cache_size not in dims or kv.head_dim not in dims, line
-    assert _collectives(hlo, "all-reduce"), "tensor parallelism must all-reduce o/down proj"
+    collectives = _collectives(compiled.as_text())
+    layers = verifier.config.num_hidden_layers
+    local_batch, model_size = len(prompts) // 2, 2
+
+    def count(kind, scope, suffix=""):
+        return sum(1 for k, _, n in collectives if k == kind and scope in n and n.endswith(suffix))
+
+    for forward in ("/prefill/", "/while/body/verify/"):
+        assert count("all-reduce", forward, "bthd,hde->bte/dot_general") == layers  # o_proj
+        assert count("all-reduce", forward, "/dot_general") == 2 * layers  # + down_proj
+        assert count("all-reduce", forward, "_take)/gather") == 1  # embedding lookup
+        assert count("all-reduce", forward) == 2 * layers + 1, forward
+    assert count("all-reduce", "/while/cond/") == 1
+    assert sum(k == "all-reduce" for k, _, _ in collectives) == 2 * (2 * layers + 1) + 1
+    gathers = [(shape, name) for k, shape, name in collectives if k == "all-gather"]
+    assert len(gathers) == 4, gathers
+    for shape, name in gathers:  # argmax over the vocabulary shards
+        dims = _dims(shape)
+        assert name.endswith("/reduce") and dims[0] == local_batch and dims[-1] == model_size
+        assert cache_size not in dims and verifier.config.head_dim not in dims
+    others = [c for c in collectives if c[0] not in ("all-reduce", "all-gather")]
+    assert not others, others
     verifier_cache = args[3][1]
     assert verifier_cache.k[0].sharding.spec == sharding.TENSOR_PARALLEL.spec(sharding.CACHE_AXES)
 

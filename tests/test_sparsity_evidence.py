@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 import specattn_jax.model as model_module
+from specattn_jax import sharding
 from specattn_jax.attention import AttentionPlan, dense_attention
 from specattn_jax.cache import KVCache
 from specattn_jax.layer_map import LayerMap, calibrate
@@ -208,7 +209,12 @@ class GenerateSparsityCases:
         prompts = [tokenizer(text)["input_ids"] for text in STORY_PROMPTS]
         return draft, verifier, prompts, calibrate(draft, verifier, [np.array(p) for p in prompts])
 
-    def test_generate_never_reads_unselected_entries(self, pair, monkeypatch):
+    @pytest.mark.parametrize("mesh_spec", [None, "data=2,model=2"])
+    def test_generate_never_reads_unselected_entries(self, pair, monkeypatch, mesh_spec):
+        """Also tensor- and data-parallel: each device poisons and reads its own heads."""
+        if mesh_spec and len(jax.devices()) < 4:
+            pytest.skip("needs 4 devices (tests/conftest.py asks XLA for 4 on CPU)")
+        mesh = sharding.make_mesh(mesh_spec) if mesh_spec else None
         draft, verifier, prompts, layer_map = pair
         config = SpecConfig(
             gamma=3, attn_p=0.5, granularity=self.GRANULARITY, layer_map=layer_map,
@@ -217,8 +223,9 @@ class GenerateSparsityCases:
 
         def run(config):
             return generate(
-                draft, verifier, prompts, config, max_new_tokens=32, eos_id=None, cache_size=128
-            )
+                draft, verifier, prompts, config, max_new_tokens=32, eos_id=None, cache_size=128,
+                mesh=mesh,
+            )  # fmt: skip
 
         sparse = run(config)
         dense = run(SpecConfig(gamma=3, backend=self.BACKEND))

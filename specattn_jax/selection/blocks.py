@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import scatter_rows
+
 PAD_BLOCK = 0
 
 
@@ -27,9 +29,7 @@ def compact_blocks(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     ids = jnp.broadcast_to(jnp.arange(num, dtype=jnp.int32), mask.shape)
     flat_slots = slots.reshape(-1, num)
     flat_ids = ids.reshape(-1, num)
-    rows = jnp.arange(flat_slots.shape[0])[:, None]
-    compacted = jnp.full(flat_slots.shape, PAD_BLOCK, jnp.int32)
-    compacted = compacted.at[rows, flat_slots].set(flat_ids, mode="drop")
+    compacted = scatter_rows(jnp.full(flat_slots.shape, PAD_BLOCK, jnp.int32), flat_slots, flat_ids)
     return compacted.reshape(mask.shape), counts
 
 
@@ -37,9 +37,10 @@ def blocks_to_mask(block_indices: jax.Array, block_counts: jax.Array, num: int) 
     """bool[..., num]: which blocks a (indices i32[..., N], counts i32[...]) list selects."""
     valid = jnp.arange(block_indices.shape[-1]) < block_counts[..., None]
     flat_indices = jnp.where(valid, block_indices, num).reshape(-1, block_indices.shape[-1])
-    rows = jnp.arange(flat_indices.shape[0])[:, None]
-    mask = (
-        jnp.zeros((flat_indices.shape[0], num), bool).at[rows, flat_indices].set(True, mode="drop")
+    mask = scatter_rows(
+        jnp.zeros((flat_indices.shape[0], num), bool),
+        flat_indices,
+        jnp.ones(flat_indices.shape, bool),
     )
     return mask.reshape(*block_indices.shape[:-1], num)
 
