@@ -33,6 +33,7 @@ from jax.sharding import Mesh
 
 from specattn_jax import autoregressive, sharding
 from specattn_jax.acceptance import AcceptanceRule, acceptance_for
+from specattn_jax.attention import AttentionPlan
 from specattn_jax.cache import KVCache
 from specattn_jax.decoding import (
     DecodeProgress,
@@ -251,6 +252,36 @@ def draft_tokens(
     return Drafts(tokens, all_logits, all_attention, cache, kv_read)
 
 
+def draft_and_plan(
+    draft: Llama,
+    num_verifier_layers: int,
+    selector: Selector | None,
+    state: SpecState,
+    rule: AcceptanceRule,
+    key: jax.Array,
+    gamma: int,
+) -> tuple[Drafts, KVCache, AttentionPlan | None]:
+    """The first half of a step: the drafts, the verifier's cache rolled back to the
+    accepted context, and the selector's plan for the verify (None: dense)."""
+    with jax.named_scope("draft"):
+        draft_cache = state.draft_cache.with_lengths(state.seq_lengths - 2)
+        need_attention = selector is not None and selector.needs_draft_attention
+        drafts = draft_tokens(draft, draft_cache, state.last_two, rule, key, gamma, need_attention)
+    verifier_cache = state.verifier_cache.with_lengths(state.seq_lengths - 1)
+    if selector is None:
+        return drafts, verifier_cache, None
+    with jax.named_scope("select"):
+        plan = selector.plan(
+            SelectionInputs(
+                context_lengths=verifier_cache.lengths,
+                draft_attention=drafts.attention,
+                num_layers=num_verifier_layers,
+                cache_size=verifier_cache.max_len,
+            )
+        )
+    return drafts, verifier_cache, plan
+
+
 def spec_step(
     models: _Models,
     params,
@@ -268,25 +299,10 @@ def spec_step(
     step_key = jax.random.fold_in(state.key, state.step + 1)
     draft_key, accept_key = jax.random.split(step_key)
 
-    with jax.named_scope("draft"):
-        draft_cache = state.draft_cache.with_lengths(state.seq_lengths - 2)
-        need_attention = selector is not None and selector.needs_draft_attention
-        drafts = draft_tokens(
-            draft, draft_cache, state.last_two, rule, draft_key, gamma, need_attention
-        )
-        drafted = drafts.tokens
-    verifier_cache = state.verifier_cache.with_lengths(state.seq_lengths - 1)
-    plan = None
-    if selector is not None:
-        with jax.named_scope("select"):
-            plan = selector.plan(
-                SelectionInputs(
-                    context_lengths=verifier_cache.lengths,
-                    draft_attention=drafts.attention,
-                    num_layers=verifier.config.num_hidden_layers,
-                    cache_size=verifier_cache.max_len,
-                )
-            )
+    drafts, verifier_cache, plan = draft_and_plan(
+        draft, verifier.config.num_hidden_layers, selector, state, rule, draft_key, gamma
+    )
+    drafted = drafts.tokens
     with jax.named_scope("verify"):
         verify_tokens = jnp.concatenate([state.last_two[:, 1:], drafted], axis=1)
         verifier_logits, verifier_cache, info = verifier(

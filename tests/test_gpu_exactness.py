@@ -25,13 +25,12 @@ from flax import nnx
 from specattn_jax.acceptance import GreedyAcceptance
 from specattn_jax.layer_map import LayerMap
 from specattn_jax.loading import ASSETS, load_pretrained
-from specattn_jax.selection import SelectionInputs
 from specattn_jax.speculative import (
     SpecConfig,
     _jit_prefill,
     _jit_step,
     _setup,
-    draft_tokens,
+    draft_and_plan,
     generate,
 )
 from tests.kernels.base import KernelTestBase
@@ -182,22 +181,14 @@ def _verify_mismatches(draft, verifier, selector, state, config, kernel) -> list
     """The verify of `state`'s next step under its plan, through the kernel and the
     reference: the first position per sequence where their greedy choices differ, with the
     reference logits' margin between the two."""
-    drafts = draft_tokens(
+    drafts, cache, plan = draft_and_plan(
         draft,
-        state.draft_cache.with_lengths(state.seq_lengths - 2),
-        state.last_two,
+        verifier.config.num_hidden_layers,
+        selector,
+        state,
         GreedyAcceptance(),
         jax.random.key(0),
         config.gamma,
-    )
-    cache = state.verifier_cache.with_lengths(state.seq_lengths - 1)
-    plan = selector.plan(
-        SelectionInputs(
-            context_lengths=cache.lengths,
-            draft_attention=drafts.attention,
-            num_layers=verifier.config.num_hidden_layers,
-            cache_size=cache.max_len,
-        )
     )
     tokens = jnp.concatenate([state.last_two[:, 1:], drafts.tokens], axis=1)
     logits = {
