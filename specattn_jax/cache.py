@@ -17,7 +17,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import scatter_rows
 from specattn_jax.config import LlamaConfig
 
 
@@ -66,14 +65,3 @@ class KVCache:
     def with_lengths(self, lengths: jax.Array) -> KVCache:
         """The same entries with new valid lengths (i32[B]): a rollback or an advance."""
         return dataclasses.replace(self, lengths=lengths.astype(jnp.int32))
-
-
-def write_rows(
-    layer_cache: jax.Array,  # [B, S, H_kv, D]
-    new: jax.Array,  # [B, T, H_kv, D]
-    positions: jax.Array,  # i32[B, T]
-) -> jax.Array:
-    """`layer_cache` with `new[b, t]` written at position `positions[b, t]` of row b
-    (positions past the cache are dropped), as one scatter batched over the rows, so a
-    cache split over the batch is written in place on each device with no gather."""
-    return scatter_rows(layer_cache, positions, new)

@@ -36,7 +36,7 @@ from specattn_jax.attention import (
     dense_kernel_attention,
     sparse_attention,
 )
-from specattn_jax.cache import KVCache, write_rows
+from specattn_jax.cache import KVCache
 from specattn_jax.config import LlamaConfig
 
 _INIT_STD = 0.02
@@ -151,9 +151,9 @@ class Attention(nnx.Module):
         with jax.named_scope("rope"):
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
-        with jax.named_scope("cache_update"):
-            k_cache = write_rows(k_cache, k, positions)
-            v_cache = write_rows(v_cache, v, positions)
+        with jax.named_scope("cache_update"):  # batched over rows: no gather when sharded
+            k_cache = pallas_kernels.scatter_rows(k_cache, positions, k)
+            v_cache = pallas_kernels.scatter_rows(v_cache, positions, v)
             k_cache, v_cache = sharding.constrain_kv(self.mesh, k_cache, v_cache)
         num_new = x.shape[1]
         attend = functools.partial(sharding.head_parallel, self.mesh)

@@ -256,18 +256,22 @@ def draft_and_plan(
     draft: Llama,
     num_verifier_layers: int,
     selector: Selector | None,
-    state: SpecState,
+    draft_cache: KVCache,
+    verifier_cache: KVCache,
+    last_two: jax.Array,  # i32[B, 2]
+    seq_lengths: jax.Array,  # i32[B]
     rule: AcceptanceRule,
     key: jax.Array,
     gamma: int,
 ) -> tuple[Drafts, KVCache, AttentionPlan | None]:
-    """The first half of a step: the drafts, the verifier's cache rolled back to the
-    accepted context, and the selector's plan for the verify (None: dense)."""
+    """The first half of a step for sequences of `seq_lengths` tokens whose last two are
+    `last_two` (the last one pending): the drafts, the verifier's cache rolled back to the
+    context before the pending token, and the selector's plan for the verify (None: dense)."""
     with jax.named_scope("draft"):
-        draft_cache = state.draft_cache.with_lengths(state.seq_lengths - 2)
+        draft_cache = draft_cache.with_lengths(seq_lengths - 2)
         need_attention = selector is not None and selector.needs_draft_attention
-        drafts = draft_tokens(draft, draft_cache, state.last_two, rule, key, gamma, need_attention)
-    verifier_cache = state.verifier_cache.with_lengths(state.seq_lengths - 1)
+        drafts = draft_tokens(draft, draft_cache, last_two, rule, key, gamma, need_attention)
+    verifier_cache = verifier_cache.with_lengths(seq_lengths - 1)
     if selector is None:
         return drafts, verifier_cache, None
     with jax.named_scope("select"):
@@ -300,8 +304,9 @@ def spec_step(
     draft_key, accept_key = jax.random.split(step_key)
 
     drafts, verifier_cache, plan = draft_and_plan(
-        draft, verifier.config.num_hidden_layers, selector, state, rule, draft_key, gamma
-    )
+        draft, verifier.config.num_hidden_layers, selector, state.draft_cache,
+        state.verifier_cache, state.last_two, state.seq_lengths, rule, draft_key, gamma,
+    )  # fmt: skip
     drafted = drafts.tokens
     with jax.named_scope("verify"):
         verify_tokens = jnp.concatenate([state.last_two[:, 1:], drafted], axis=1)
@@ -598,14 +603,15 @@ def kv_bill(
     dense_total = float(np.asarray(kv_dense, np.float64).sum())
     draft_bytes, verifier_bytes = entry_bytes
     read, if_dense = per_layer.sum(), dense_total * len(per_layer)
+    draft_read = float(np.asarray(draft_kv_read, np.float64).sum())
     return {
         "kv_read_sparse_layers": int(per_layer[sparse].sum()),
         "kv_dense_sparse_layers": int(dense_total * sparse.sum()),
         "kv_read_dense_layers": int(per_layer[~sparse].sum()),
-        "kv_read_draft": int(np.asarray(draft_kv_read, np.float64).sum()),
+        "kv_read_draft": int(draft_read),
         "kv_bytes_verifier": int(read * verifier_bytes),
         "kv_bytes_verifier_if_dense": int(if_dense * verifier_bytes),
-        "kv_bytes_draft": int(np.asarray(draft_kv_read, np.float64).sum() * draft_bytes),
+        "kv_bytes_draft": int(draft_read * draft_bytes),
         "kv_reduction_verifier": float(1 - read / if_dense) if if_dense else 0.0,
     }
 

@@ -33,12 +33,11 @@ from specattn_jax.acceptance import GreedyAcceptance
 from specattn_jax.errors import SpecAttnError
 from specattn_jax.model import Llama
 from specattn_jax.selection import (
-    SelectionInputs,
     Selector,
     check_granularity,
     sparse_layer_flags,
 )
-from specattn_jax.speculative import draft_tokens, kv_reduction
+from specattn_jax.speculative import draft_and_plan, kv_reduction
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -108,29 +107,17 @@ def _score_windows(graphdefs, params, windows, selector, protocol, backend):
     rule = GreedyAcceptance()
     _, verifier_cache, _ = verifier(windows[:, : prefix - 1], verifier.init_cache(batch, size))
     _, draft_cache, _ = draft(windows[:, : prefix - 2], draft.init_cache(batch, size))
-    need_attention = selector is not None and selector.needs_draft_attention
     rows = jnp.ones((batch,), jnp.int32)
 
     def step(carry, index):
         draft_cache, verifier_cache = carry
         ell = prefix + index * (gamma + 1)  # ground-truth tokens known; the last is pending
         last_two = jax.lax.dynamic_slice_in_dim(windows, ell - 2, 2, axis=1)
-        draft_cache = draft_cache.with_lengths(rows * (ell - 2))
-        drafts = draft_tokens(
-            draft, draft_cache, last_two, rule, jax.random.key(0), gamma, need_attention
-        )
+        drafts, verifier_cache, plan = draft_and_plan(
+            draft, verifier.config.num_hidden_layers, selector, draft_cache, verifier_cache,
+            last_two, rows * ell, rule, jax.random.key(0), gamma,
+        )  # fmt: skip
         draft_cache = drafts.cache
-        verifier_cache = verifier_cache.with_lengths(rows * (ell - 1))
-        plan = None
-        if selector is not None:
-            plan = selector.plan(
-                SelectionInputs(
-                    context_lengths=verifier_cache.lengths,
-                    draft_attention=drafts.attention,
-                    num_layers=verifier.config.num_hidden_layers,
-                    cache_size=size,
-                )
-            )
         tokens = jax.lax.dynamic_slice_in_dim(windows, ell - 1, gamma + 2, axis=1)
         logits, verifier_cache, info = verifier(
             tokens[:, :-1], verifier_cache, plan=plan, backend=backend
