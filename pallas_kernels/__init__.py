@@ -4,7 +4,8 @@ Public ops:
   top_p_select / top_p_select_reference / top_p_exact_reference / top_p_select_dispatch
   sparse_verify_attention / sparse_verify_attention_reference / dense_verify_attention /
   sparse_verify_attention_dispatch / dense_block_list / use_verify_kernel
-  scatter_rows (a row-batched scatter that XLA partitions over rows without gathers)
+  scatter_rows (a row-batched scatter that XLA partitions over rows without gathers),
+  compact_blocks (a block mask to a compacted block list), GRANULARITIES, FILL_INDEX
 
 Backend switch: every `*_dispatch` op takes backend="auto" | "pallas" | "reference";
 "auto" runs the Pallas kernel when `default_backend()` is "pallas" (a CUDA GPU) and the jnp
@@ -13,6 +14,15 @@ reference elsewhere. This package imports nothing from `specattn_jax`.
 
 from pallas_kernels._common import (
     DEFAULT_MASK_VALUE as DEFAULT_MASK_VALUE,
+)
+from pallas_kernels._common import (
+    FILL_INDEX as FILL_INDEX,
+)
+from pallas_kernels._common import (
+    GRANULARITIES as GRANULARITIES,
+)
+from pallas_kernels._common import (
+    compact_blocks as compact_blocks,
 )
 from pallas_kernels._common import (
     default_backend as default_backend,
@@ -48,9 +58,6 @@ from pallas_kernels.sparse_verify_attention import (
     use_kernel as use_verify_kernel,
 )
 from pallas_kernels.top_p_select import (
-    FILL_INDEX as FILL_INDEX,
-)
-from pallas_kernels.top_p_select import (
     BlockSizes as TopPBlockSizes,
 )
 from pallas_kernels.top_p_select import (
@@ -69,8 +76,10 @@ from pallas_kernels.top_p_select import (
 __all__ = [
     "DEFAULT_MASK_VALUE",
     "FILL_INDEX",
+    "GRANULARITIES",
     "SparseVerifyBlockSizes",
     "TopPBlockSizes",
+    "compact_blocks",
     "default_backend",
     "dense_block_list",
     "dense_verify_attention",

@@ -9,6 +9,7 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 # Finite mask value for attention logits: exp() of it underflows to 0 and max() with it never
@@ -16,6 +17,12 @@ import numpy as np
 DEFAULT_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
 BACKENDS = ("auto", "pallas", "reference")
+
+# Block sizes (tokens per KV block) the selection and the sparse verify kernel support.
+GRANULARITIES = (1, 16, 32, 64)
+
+# Value of a block list after its count: block 0, always in bounds, never read.
+FILL_INDEX = 0
 
 
 @functools.cache
@@ -64,6 +71,28 @@ def next_power_of_2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def cdiv_dynamic(a, b):
+    """Ceiling division of traced integers (`cdiv` for Python ints)."""
+    return (a + (b - 1)) // b
+
+
+def check_granularity(granularity: int) -> None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"{granularity=} must be one of {GRANULARITIES}.")
+
+
+def compact_blocks(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(i32[..., N] ascending ids of the True entries compacted to the front, then
+    FILL_INDEX; i32[...] counts) from bool[..., N], by a prefix sum (no sort)."""
+    num = mask.shape[-1]
+    counts = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    slots = jnp.where(mask, jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, num)
+    ids = jnp.broadcast_to(jnp.arange(num, dtype=jnp.int32), mask.shape)
+    flat_slots, flat_ids = slots.reshape(-1, num), ids.reshape(-1, num)
+    fill = jnp.full(flat_slots.shape, FILL_INDEX, jnp.int32)
+    return scatter_rows(fill, flat_slots, flat_ids).reshape(mask.shape), counts
 
 
 def log2_exact(n: int) -> int:

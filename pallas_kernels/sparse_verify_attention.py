@@ -32,13 +32,14 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels._common import (
     DEFAULT_MASK_VALUE,
     cdiv,
+    cdiv_dynamic,
+    check_granularity,
     log2_exact,
     next_power_of_2,
     resolve_backend,
     scatter_rows,
 )
 
-GRANULARITIES = (1, 16, 32, 64)
 _LOG2_E = math.log2(math.e)
 # Splits per (batch, KV head): enough for ~512 programs, at least 8, at most 64. Measured on an
 # H100 (jax 0.11.2, dense, Q=5, 32K context; benchmarks/results): B*H_kv = 8 -> 64 splits
@@ -186,9 +187,6 @@ def sparse_verify_attention_kernel(
         read_ref[0][...] = jnp.full((rows,), rows_loaded, jnp.int32)
 
 
-def cdiv_dynamic(a, b):
-    return (a + (b - 1)) // b
-
 
 def _sparse_verify_attention_unbatched(
     q,  # [T, H, D]
@@ -296,8 +294,7 @@ def _check_inputs(q, k_cache, v_cache, block_indices, block_counts, context_leng
         raise ValueError(f"q {q.shape} and k_cache {k_cache.shape} disagree on B or D.")
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads=} must be a multiple of {num_kv_heads=}.")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"{granularity=} must be one of {GRANULARITIES}.")
+    check_granularity(granularity)
     if block_indices.ndim != 2 or block_indices.shape[0] != batch:
         raise ValueError(f"block_indices must be i32[B={batch}, N], got {block_indices.shape}.")
     for name, x in (("block_counts", block_counts), ("context_lengths", context_lengths)):

@@ -41,11 +41,17 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._common import cdiv, next_power_of_2, resolve_backend, scatter_rows
+from pallas_kernels._common import (
+    FILL_INDEX,
+    cdiv,
+    cdiv_dynamic,
+    check_granularity,
+    compact_blocks,
+    next_power_of_2,
+    resolve_backend,
+)
 
 DEFAULT_NUM_ITERS = 32
-GRANULARITIES = (1, 16, 32, 64)
-FILL_INDEX = 0  # value of block_indices[r, n] for n >= block_counts[r]
 
 LIMB_BITS = 12  # bits per fixed-point limb (three limbs: 36 bits below the row max)
 _LIMB_MASK = (1 << LIMB_BITS) - 1
@@ -301,9 +307,6 @@ def top_p_threshold_kernel(
     theta_ref[...] = jnp.full((1,), theta, jnp.float32)
 
 
-def cdiv_dynamic(a, b: int):
-    return (a + (b - 1)) // b
-
 
 def top_p_compact_kernel(
     w_ref,  # [A, S] weights of one output row
@@ -448,8 +451,7 @@ def _check_inputs(weights, p, context_lengths, granularity):
         )
     if not jnp.issubdtype(context_lengths.dtype, jnp.integer):
         raise ValueError(f"context_lengths must be integers, got {context_lengths.dtype}.")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"{granularity=} must be one of {GRANULARITIES}.")
+    check_granularity(granularity)
     if seq_len > _MAX_ROW_LEN:
         raise ValueError(f"{seq_len=} exceeds the supported maximum {_MAX_ROW_LEN}.")
 
@@ -552,18 +554,12 @@ def top_p_select_dispatch(
 # References.
 
 
-def _compact_blocks(selected, granularity):
+def _selected_blocks(selected, granularity):
     """bool[R, S] -> (i32[R, NB] ascending selected block ids then FILL_INDEX, i32[R])."""
     num_rows, seq_len = selected.shape
     num_blocks = cdiv(seq_len, granularity)
-    pad = num_blocks * granularity - seq_len
-    selected = jnp.pad(selected, ((0, 0), (0, pad)))
-    block_selected = selected.reshape(num_rows, num_blocks, granularity).any(axis=-1)
-    counts = block_selected.sum(axis=-1, dtype=jnp.int32)
-    dest = jnp.where(block_selected, jnp.cumsum(block_selected, axis=-1) - 1, num_blocks)
-    ids = jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.int32), dest.shape)
-    indices = jnp.full((num_rows, num_blocks), FILL_INDEX, jnp.int32)
-    return scatter_rows(indices, dest, ids), counts
+    selected = jnp.pad(selected, ((0, 0), (0, num_blocks * granularity - seq_len)))
+    return compact_blocks(selected.reshape(num_rows, num_blocks, granularity).any(axis=-1))
 
 
 @functools.partial(jax.jit, static_argnames=("granularity", "num_iters"))
@@ -601,7 +597,7 @@ def top_p_select_reference(
     theta, _, _ = _bisect(row_max, pred, num_iters)
     theta = jnp.where(p >= 1.0, 0.0, theta)
     selected = (valid & (w >= theta[..., None])).any(axis=1)  # [R, S]
-    return (theta, *_compact_blocks(selected, granularity))
+    return (theta, *_selected_blocks(selected, granularity))
 
 
 @functools.partial(jax.jit, static_argnames=("granularity",))
@@ -628,4 +624,4 @@ def top_p_exact_reference(
     theta = jnp.take_along_axis(ordered, first[..., None], axis=-1)[..., 0]
     theta = jnp.where(p[:, None] >= 1.0, 0.0, jnp.maximum(theta, 0.0))
     selected = (valid & (w >= theta[..., None])).any(axis=1)
-    return (theta, *_compact_blocks(selected, granularity))
+    return (theta, *_selected_blocks(selected, granularity))

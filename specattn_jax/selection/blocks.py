@@ -2,7 +2,8 @@
 
 A selection at `granularity` g is, per row, the ascending ids of the selected blocks (block
 i covers positions [i * g, (i + 1) * g)) compacted to the front of an i32[N] array, padded
-with 0 (always in bounds, never read past the count), and the count.
+with `pallas_kernels.FILL_INDEX` (0: always in bounds, never read past the count), and the
+count. `compact_blocks` is the kernels' own (one home for the list format).
 """
 
 from __future__ import annotations
@@ -10,27 +11,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import scatter_rows
+from pallas_kernels import compact_blocks, scatter_rows
 
-PAD_BLOCK = 0
+__all__ = [
+    "add_forced_blocks",
+    "blocks_to_mask",
+    "compact_blocks",
+    "forced_blocks",
+    "num_blocks",
+    "positions_to_block_mask",
+]
 
 
 def num_blocks(cache_size: int, granularity: int) -> int:
     """Blocks covering `cache_size` positions."""
     return -(-cache_size // granularity)
-
-
-def compact_blocks(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(i32[..., N] ascending ids of the True entries compacted to the front, padded with
-    PAD_BLOCK; i32[...] counts) from bool[..., N], by a prefix sum (no sort)."""
-    num = mask.shape[-1]
-    counts = jnp.sum(mask, axis=-1, dtype=jnp.int32)
-    slots = jnp.where(mask, jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1, num)
-    ids = jnp.broadcast_to(jnp.arange(num, dtype=jnp.int32), mask.shape)
-    flat_slots = slots.reshape(-1, num)
-    flat_ids = ids.reshape(-1, num)
-    compacted = scatter_rows(jnp.full(flat_slots.shape, PAD_BLOCK, jnp.int32), flat_slots, flat_ids)
-    return compacted.reshape(mask.shape), counts
 
 
 def blocks_to_mask(block_indices: jax.Array, block_counts: jax.Array, num: int) -> jax.Array:

@@ -88,8 +88,9 @@ class SpecAttnSelector:
 
 def check_granularity(granularity: int, cache_size: int) -> None:
     """Raises unless `granularity` is a supported block size dividing the cache size."""
-    if granularity not in (1, 16, 32, 64):
-        raise SpecAttnError(f"granularity={granularity} must be one of 1, 16, 32, 64")
+    if granularity not in pallas_kernels.GRANULARITIES:
+        supported = ", ".join(map(str, pallas_kernels.GRANULARITIES))
+        raise SpecAttnError(f"granularity={granularity} must be one of {supported}")
     if cache_size % granularity:
         raise SpecAttnError(
             f"granularity={granularity} does not divide the cache size {cache_size}; "
