@@ -169,7 +169,7 @@ def _random_plan(config, batch, size, context, kept, granularity, dense_layers, 
     )
 
 
-def _shrunk(config: LlamaConfig) -> LlamaConfig:
+def shrunk(config: LlamaConfig) -> LlamaConfig:
     """The same architecture at toy size (for a CPU smoke run of this script)."""
     return dataclasses.replace(
         config, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -215,7 +215,7 @@ def _select_step(selector, attention, lengths, num_layers, cache_size):
     return attention, selector.plan(inputs)
 
 
-def _step_times(
+def step_times(
     verifier, draft, context: int, size: int, kept: float, args, place=lambda cache, tp: cache
 ) -> dict[str, float]:
     """Median device seconds of one decode step and of a speculative step's parts, with
@@ -267,7 +267,7 @@ def bench_synthetic(args, measured: dict | None, save=lambda part: None) -> dict
     gamma, batch = args.gamma, 1
     verifier_config, draft_config = LLAMA2_7B, TINYLLAMA_1B
     if args.tiny:
-        verifier_config, draft_config = _shrunk(LLAMA2_7B), _shrunk(TINYLLAMA_1B)
+        verifier_config, draft_config = shrunk(LLAMA2_7B), shrunk(TINYLLAMA_1B)
     verifier = Llama(verifier_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     draft = Llama(draft_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
     v_graph, v_params = nnx.split(verifier)
@@ -291,7 +291,7 @@ def bench_synthetic(args, measured: dict | None, save=lambda part: None) -> dict
         "rows": results,
     }
     for context in args.contexts:
-        times = _step_times(
+        times = step_times(
             (v_graph, v_params, verifier_config), (d_graph, d_params, draft_config),
             context, size, kept, args,
         )  # fmt: skip

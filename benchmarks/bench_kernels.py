@@ -33,14 +33,12 @@ import traceback
 import warnings
 from pathlib import Path
 
+import _timing  # this folder's helper: benchmarks run as scripts
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import pallas_kernels as pk  # noqa: E402
-from benchmarks import _timing  # noqa: E402
+import pallas_kernels as pk
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
 

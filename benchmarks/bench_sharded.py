@@ -23,18 +23,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from bench_generate import LLAMA2_7B, TINYLLAMA_1B, shrunk, step_times  # this folder's script
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.bench_generate import (  # noqa: E402
-    LLAMA2_7B,
-    TINYLLAMA_1B,
-    _shrunk,
-    _step_times,
-)
-from specattn_jax import sharding  # noqa: E402
-from specattn_jax.model import Llama  # noqa: E402
+from specattn_jax import sharding
+from specattn_jax.model import Llama
 
 
 def bench_mesh(spec: str, args, verifier_config, draft_config) -> list[dict]:
@@ -50,7 +43,7 @@ def bench_mesh(spec: str, args, verifier_config, draft_config) -> list[dict]:
     size = max(args.contexts) + 64
     rows = []
     for context in args.contexts:
-        times = _step_times(
+        times = step_times(
             (v_graph, v_params, verifier_config), (d_graph, d_params, draft_config),
             context, size, args.kept, args,
             place=lambda cache, tensor_parallel: sharding.shard_cache(cache, mesh, tensor_parallel),
@@ -116,7 +109,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     verifier_config, draft_config = LLAMA2_7B, TINYLLAMA_1B
     if args.tiny:
-        verifier_config, draft_config = _shrunk(LLAMA2_7B), _shrunk(TINYLLAMA_1B)
+        verifier_config, draft_config = shrunk(LLAMA2_7B), shrunk(TINYLLAMA_1B)
     rows = []
     report = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "rows": rows}
     for spec in args.meshes:

@@ -12,7 +12,24 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specattn_jax import train
+from specattn_jax.convert.hf import save_hf_model
+from specattn_jax.convert.orbax_io import save_orbax
+from specattn_jax.data import SPLITS, load_split_dataset
+from specattn_jax.demo import format_report, run_demo
 from specattn_jax.errors import SpecAttnError
+from specattn_jax.eval import MethodFactory, PerplexityProtocol, make_windows
+from specattn_jax.eval.methods import BUDGET_METHODS, METHODS
+from specattn_jax.eval.report import compare_methods, markdown_table
+from specattn_jax.layer_map import LayerMap, calibrate
+from specattn_jax.loading import ASSETS, load_pretrained
+from specattn_jax.sampling import make_sampler
+from specattn_jax.sharding import make_mesh, shard_pair
+from specattn_jax.speculative import SpecConfig, check_compatible, generate_stream
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -25,14 +42,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _jnp_dtype(name: str):
-    import jax.numpy as jnp
-
     return jnp.dtype(name)
 
 
 def _load(source: str, dtype: str):
-    from specattn_jax.loading import load_pretrained
-
     return load_pretrained(source, dtype=_jnp_dtype(dtype))
 
 
@@ -63,8 +76,6 @@ def _emit(args, payload: dict, text_lines: list[str]) -> None:
 
 def _load_pair(args):
     """(draft or None, verifier, tokenizer), checked to share one vocabulary."""
-    from specattn_jax.speculative import check_compatible
-
     verifier, tokenizer = _load(args.verifier, args.dtype)
     if not args.draft or args.draft == "none":
         return None, verifier, tokenizer
@@ -77,16 +88,12 @@ def _mesh(args):
     """The `--mesh` option as a `Mesh` (None without it)."""
     if not args.mesh:
         return None
-    from specattn_jax.sharding import make_mesh
 
     return make_mesh(args.mesh)
 
 
 def _spec_config(args):
     """The `SpecConfig` of the generate options (SpecAttn when --attn-p is given)."""
-    from specattn_jax.layer_map import LayerMap
-    from specattn_jax.speculative import SpecConfig
-
     layer_map = LayerMap.load(args.layer_map) if args.layer_map else None
     config = SpecConfig(
         gamma=args.gamma,
@@ -107,11 +114,6 @@ def _spec_config(args):
 
 
 def cmd_generate(args) -> None:
-    import jax
-
-    from specattn_jax.sampling import make_sampler
-    from specattn_jax.speculative import generate_stream
-
     draft, verifier, tokenizer = _load_pair(args)
     if args.attn_p is not None and draft is None:
         raise SpecAttnError("--attn-p (SpecAttn) needs a --draft model")
@@ -180,10 +182,6 @@ def read_text_source(source: str) -> str:
 
 
 def cmd_calibrate(args) -> None:
-    import numpy as np
-
-    from specattn_jax.layer_map import calibrate
-
     draft, verifier, tokenizer = _load_pair(args)
     if draft is None:
         raise SpecAttnError("calibrate needs --draft")
@@ -217,26 +215,17 @@ def cmd_calibrate(args) -> None:
 def load_eval_texts(data: str, data_dir: str | None = None) -> list[str]:
     """Texts of a corpus split ("train", "validation", "test", through `datasets`) or of a
     file or directory of .txt files."""
-    from specattn_jax.data import SPLITS, load_split_dataset
-
     if data in SPLITS:
         return list(load_split_dataset(data, data_dir)["text"])
     return [read_text_source(data)]
 
 
 def cmd_eval_ppl(args) -> None:
-    from specattn_jax.eval import MethodFactory, PerplexityProtocol, make_windows
-    from specattn_jax.eval.methods import BUDGET_METHODS
-    from specattn_jax.eval.report import compare_methods, markdown_table
-    from specattn_jax.layer_map import LayerMap
-
     draft, verifier, tokenizer = _load_pair(args)
     if draft is None:
         raise SpecAttnError("eval-ppl needs --draft (its drafts drive every step)")
     mesh = _mesh(args)
     if mesh is not None:
-        from specattn_jax.sharding import shard_pair
-
         draft, verifier = shard_pair(draft, verifier, mesh, args.batch_size)
     protocol = PerplexityProtocol(
         window=args.window, prefix=args.prefix, gamma=args.gamma, batch_size=args.batch_size
@@ -273,15 +262,10 @@ def cmd_eval_ppl(args) -> None:
 
 def cmd_train(argv: list[str]) -> None:
     """`specattn train ...`: the training recipe's own options (see --help)."""
-    from specattn_jax import train
-
     train.main(argv, parser_class=_Parser)
 
 
 def cmd_convert(args) -> None:
-    from convert.hf import save_hf_model
-    from convert.orbax_io import save_orbax
-
     model, tokenizer = _load(args.src, args.dtype)
     dst = Path(args.dst)
     if dst.exists() and any(dst.iterdir()):
@@ -300,8 +284,6 @@ def cmd_convert(args) -> None:
 
 
 def _default_demo_pair() -> tuple[str, str | None]:
-    from specattn_jax.loading import ASSETS
-
     if (ASSETS / "verifier" / "config.json").is_file():
         return "bundled:verifier", "bundled:draft"
     stories = Path.cwd().parent / "shared" / "models" / "stories260K" / "stories260K.bin"
@@ -314,8 +296,6 @@ def _default_demo_pair() -> tuple[str, str | None]:
 
 
 def cmd_demo(args) -> None:
-    from specattn_jax.demo import format_report, run_demo
-
     verifier, draft = _default_demo_pair() if not args.verifier else (args.verifier, args.draft)
     if not args.json:
         print(f"loading {verifier}" + (f" and {draft}" if draft else "") + " ...", file=sys.stderr)
@@ -345,8 +325,6 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from specattn_jax.eval.methods import METHODS
-
     parser = _Parser(prog="specattn", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import time
 
+from specattn_jax.data import split_books
 from specattn_jax.errors import SpecAttnError
+from specattn_jax.layer_map import LayerMap
+from specattn_jax.loading import ASSETS, load_pretrained
+from specattn_jax.model import count_params
+from specattn_jax.speculative import SpecConfig, check_compatible, generate
 
 FALLBACK_PROMPT = (
     "It was late in the autumn when the old captain came back to the village. The harbour was "
@@ -25,8 +30,6 @@ def default_prompt(tokenizer, num_tokens: int) -> tuple[str, str]:
     """(text, where it came from): an excerpt of a test book if the corpus is beside the
     checkout, else a short built-in paragraph."""
     try:
-        from specattn_jax.data import split_books
-
         book = split_books("test")[0]
         text = book.read()
     except SpecAttnError:
@@ -48,11 +51,6 @@ def run_demo(
     dtype,
 ) -> dict:
     """Runs the decoders; returns a dict with the models, prompt, continuation and rows."""
-    from specattn_jax.layer_map import LayerMap
-    from specattn_jax.loading import ASSETS, load_pretrained
-    from specattn_jax.model import count_params
-    from specattn_jax.speculative import SpecConfig, check_compatible, generate
-
     verifier, tokenizer = load_pretrained(verifier_source, dtype)
     draft = None
     if draft_source:

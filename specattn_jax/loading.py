@@ -16,6 +16,9 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from specattn_jax.convert.hf import load_hf_model
+from specattn_jax.convert.llama2c import llama2c_tokenizer, load_llama2c_model
+from specattn_jax.convert.orbax_io import is_orbax_checkpoint, load_orbax
 from specattn_jax.errors import CheckpointError
 
 ASSETS = Path(__file__).parent / "assets"
@@ -114,10 +117,6 @@ def load_pretrained(source: str | Path, dtype=jnp.float32, *, place=None):
     Raises:
       CheckpointError: the source is missing, corrupt, or not a Llama checkpoint.
     """
-    from convert.hf import load_hf_model
-    from convert.llama2c import llama2c_tokenizer, load_llama2c_model
-    from convert.orbax_io import is_orbax_checkpoint, load_orbax
-
     path = resolve_source(source)
     if path.is_dir() and is_orbax_checkpoint(path):
         return load_orbax(path, dtype), load_tokenizer(path)

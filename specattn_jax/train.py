@@ -43,6 +43,8 @@ import optax
 from flax import nnx
 
 from specattn_jax.config import LlamaConfig
+from specattn_jax.convert.hf import load_hf_model, save_hf_model
+from specattn_jax.convert.orbax_io import save_orbax
 from specattn_jax.data import default_data_dir, split_books
 from specattn_jax.errors import SpecAttnError
 from specattn_jax.model import Llama, apply_rope, count_params, rope_inverse_frequencies
@@ -423,8 +425,6 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    from convert.orbax_io import save_orbax
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -564,8 +564,6 @@ def train(
 
 def export_model(model: Llama, directory: str | Path, tokenizer_dir: str | Path | None = None):
     """Writes the HF folder: `config.json`, bf16 `model.safetensors`, the tokenizer files."""
-    from convert.hf import save_hf_model
-
     directory = Path(directory)
     save_hf_model(model, directory, dtype="bfloat16")
     if tokenizer_dir is not None:
@@ -635,8 +633,6 @@ def report_pair(
     token_cache_dir: str | Path | None = None,
 ) -> dict[str, float]:
     """`compare_pair` on exported HF folders (the shipped weights) over a split's windows."""
-    from convert.hf import load_hf_model
-
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else Path(verifier_dir)
     stream = tokenize_split(split, data_dir, tokenizer_dir, token_cache_dir)

@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convert._params import params_of
-from convert.hf import load_hf_model, save_hf_model
-from convert.llama2c import llama2c_tokenizer, load_llama2c_model
-from convert.orbax_io import load_orbax, save_orbax
 from specattn_jax.autoregressive import generate_autoregressive
+from specattn_jax.convert._params import params_of
+from specattn_jax.convert.hf import load_hf_model, save_hf_model
+from specattn_jax.convert.llama2c import llama2c_tokenizer, load_llama2c_model
+from specattn_jax.convert.orbax_io import load_orbax, save_orbax
 from specattn_jax.errors import CheckpointError
 from specattn_jax.loading import load_pretrained
 from specattn_jax.testing import (
@@ -96,7 +96,7 @@ def test_bf16_checkpoint_loads_as_bf16(tmp_path):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_orbax_round_trip_is_bit_exact(tmp_path, dtype):
-    from convert._params import model_from_params
+    from specattn_jax.convert._params import model_from_params
 
     base = tiny_llama(seed=7, llama3_rope=True)
     model = model_from_params(base.config, params_of(base), dtype, source="test")

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convert.hf import load_hf_model
 from specattn_jax.config import LlamaConfig
+from specattn_jax.convert.hf import load_hf_model
 from specattn_jax.model import Llama, RMSNorm, apply_rope, forward, rope_inverse_frequencies
 from specattn_jax.testing import (
     max_relative_error,
@@ -168,7 +168,7 @@ def test_jitted_forward_with_split_model_matches_eager():
 
 def test_bf16_forward_is_close_to_fp32():
     model32 = tiny_llama(seed=5)
-    from convert._params import model_from_params, params_of
+    from specattn_jax.convert._params import model_from_params, params_of
 
     model16 = model_from_params(model32.config, params_of(model32), jnp.bfloat16, source="test")
     tokens = _token_batch(128, batch=1, length=16)
@@ -189,8 +189,8 @@ def test_config_round_trips_through_hf_dict():
 
 def test_model_key_set_equals_transformers(tmp_path):
     hf_model = write_tiny_hf_checkpoint(tmp_path, tiny_hf_config(num_kv_heads=2))
-    from convert._params import params_of
-    from convert.hf import path_to_hf_key
+    from specattn_jax.convert._params import params_of
+    from specattn_jax.convert.hf import path_to_hf_key
 
     model = load_hf_model(tmp_path)
     ours = {path_to_hf_key(path)[0] for path in params_of(model)}

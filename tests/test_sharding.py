@@ -139,7 +139,7 @@ def test_compiled_generation_has_exactly_the_designed_collectives(pair, decoder)
 
 
 def test_parameters_are_placed_sharded_as_they_load(tmp_path):
-    from convert.hf import save_hf_model
+    from specattn_jax.convert.hf import save_hf_model
 
     model = tiny_llama(num_kv_heads=2)
     save_hf_model(model, tmp_path)

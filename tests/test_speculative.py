@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from convert._params import model_from_params, params_of
 from specattn_jax import speculative
 from specattn_jax.autoregressive import generate_autoregressive
+from specattn_jax.convert._params import model_from_params, params_of
 from specattn_jax.errors import IncompatibleModelsError, SpecAttnError
 from specattn_jax.loading import load_pretrained
 from specattn_jax.sampling import Sampling

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from convert.orbax_io import load_orbax
 from specattn_jax.config import LlamaConfig
+from specattn_jax.convert.orbax_io import load_orbax
 from specattn_jax.data import load_split_texts, split_books
 from specattn_jax.loading import load_pretrained
 from specattn_jax.model import count_params, forward

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from specattn_jax.config import LlamaConfig
+from specattn_jax.convert._params import model_from_params, params_of
 from specattn_jax.model import Llama
 
 LLAMA3_ROPE_SCALING = {
@@ -86,8 +88,6 @@ def tiny_llama(seed: int = 0, dtype=jnp.float32, **config_kwargs) -> Llama:
 def perturbed_copy(model: Llama, scale: float = 0.3, seed: int = 1) -> Llama:
     """A copy of `model` with relative Gaussian noise (`scale`) on every weight, in the
     model's dtype: a draft that agrees with the model often but not always."""
-    from convert._params import model_from_params, params_of
-
     keys = iter(jax.random.split(jax.random.key(seed), 1000))
     noisy = {
         path: value * (1 + scale * jax.random.normal(next(keys), value.shape, value.dtype))
@@ -98,7 +98,5 @@ def perturbed_copy(model: Llama, scale: float = 0.3, seed: int = 1) -> Llama:
 
 def max_relative_error(actual, expected) -> float:
     """max |actual - expected| / max |expected|: the error relative to the tensor's scale."""
-    import numpy as np
-
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))

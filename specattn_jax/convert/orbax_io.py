@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from convert._params import abstract_model, model_from_params, params_of
 from specattn_jax.config import LlamaConfig
+from specattn_jax.convert._params import abstract_model, model_from_params, params_of
 from specattn_jax.errors import CheckpointError
 from specattn_jax.model import Llama
 

@@ -27,8 +27,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from convert._params import ParamPath, model_from_params, param_shapes, params_of
 from specattn_jax.config import LlamaConfig
+from specattn_jax.convert._params import ParamPath, model_from_params, param_shapes, params_of
 from specattn_jax.errors import CheckpointError
 from specattn_jax.model import Llama
 

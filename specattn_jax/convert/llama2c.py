@@ -17,8 +17,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from convert._params import model_from_params
 from specattn_jax.config import LlamaConfig
+from specattn_jax.convert._params import model_from_params
 from specattn_jax.errors import CheckpointError
 from specattn_jax.model import Llama
 
