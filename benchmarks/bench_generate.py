@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from specattn_jax.acceptance import GreedyAcceptance
-from specattn_jax.attention import AttentionPlan
+from specattn_jax.attention import AttentionPlan, attend
 from specattn_jax.cache import KVCache
 from specattn_jax.config import LlamaConfig
 from specattn_jax.model import Llama
@@ -183,15 +183,17 @@ def shrunk(config: LlamaConfig) -> LlamaConfig:
 # every context, since all share one cache allocation and the lengths are arrays.
 
 
-@functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="cache")
-def _decode_step(graphdef, params, tokens, cache, lengths):
-    logits, cache, _ = nnx.merge(graphdef, params)(tokens[:, :1], cache.with_lengths(lengths))
+@functools.partial(jax.jit, static_argnames=("graphdef", "attend"), donate_argnames="cache")
+def _decode_step(graphdef, params, tokens, cache, lengths, attend):
+    model = nnx.merge(graphdef, params)
+    logits, cache, _ = model(tokens[:, :1], cache.with_lengths(lengths), attend=attend)
     return cache, logits
 
 
-@functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="cache")
-def _verify_step(graphdef, params, tokens, cache, lengths, plan):
-    logits, cache, _ = nnx.merge(graphdef, params)(tokens, cache.with_lengths(lengths), plan=plan)
+@functools.partial(jax.jit, static_argnames=("graphdef", "attend"), donate_argnames="cache")
+def _verify_step(graphdef, params, tokens, cache, lengths, plan, attend):
+    model = nnx.merge(graphdef, params)
+    logits, cache, _ = model(tokens, cache.with_lengths(lengths), plan=plan, attend=attend)
     return cache, logits
 
 
@@ -216,11 +218,13 @@ def _select_step(selector, attention, lengths, num_layers, cache_size):
 
 
 def step_times(
-    verifier, draft, context: int, size: int, kept: float, args, place=lambda cache, tp: cache
-) -> dict[str, float]:
+    verifier, draft, context: int, size: int, kept: float, args, place=lambda cache, tp: cache,
+    verifier_attend=attend,
+) -> dict[str, float]:  # fmt: skip
     """Median device seconds of one decode step and of a speculative step's parts, with
     `context` tokens in caches of `size` positions; `place(cache, tensor_parallel)` puts a
-    freshly filled cache on its devices (default: where it was made)."""
+    freshly filled cache on its devices (default: where it was made); `verifier_attend` is
+    the verifier's attention (`sharding.attention_for(mesh)` on a mesh)."""
     (v_graph, v_params, verifier_config), (d_graph, d_params, draft_config) = verifier, draft
     gamma, batch = args.gamma, 1
     key = jax.random.key(context)
@@ -237,12 +241,14 @@ def step_times(
     times = {}
     cache = place(_random_cache(verifier_config, batch, size, context, key), True)
     steps = {
-        "decode": lambda state: _decode_step(v_graph, v_params, tokens, state[0], lengths),
+        "decode": lambda state: _decode_step(
+            v_graph, v_params, tokens, state[0], lengths, verifier_attend
+        ),
         "verify_dense": lambda state: _verify_step(
-            v_graph, v_params, tokens, state[0], lengths, None
+            v_graph, v_params, tokens, state[0], lengths, None, verifier_attend
         ),
         "verify_sparse": lambda state: _verify_step(
-            v_graph, v_params, tokens, state[0], lengths, plan
+            v_graph, v_params, tokens, state[0], lengths, plan, verifier_attend
         ),
     }
     state = (cache, None)

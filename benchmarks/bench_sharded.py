@@ -47,6 +47,7 @@ def bench_mesh(spec: str, args, verifier_config, draft_config) -> list[dict]:
             (v_graph, v_params, verifier_config), (d_graph, d_params, draft_config),
             context, size, args.kept, args,
             place=lambda cache, tensor_parallel: sharding.shard_cache(cache, mesh, tensor_parallel),
+            verifier_attend=sharding.attention_for(mesh),
         )  # fmt: skip
         dense_step = times["draft"] + times["verify_dense"]
         sparse_step = times["draft"] + times["select"] + times["verify_sparse"]

@@ -187,7 +187,6 @@ def sparse_verify_attention_kernel(
         read_ref[0][...] = jnp.full((rows,), rows_loaded, jnp.int32)
 
 
-
 def _sparse_verify_attention_unbatched(
     q,  # [T, H, D]
     k_cache,  # [S, H_kv, D]

@@ -307,7 +307,6 @@ def top_p_threshold_kernel(
     theta_ref[...] = jnp.full((1,), theta, jnp.float32)
 
 
-
 def top_p_compact_kernel(
     w_ref,  # [A, S] weights of one output row
     theta_ref,  # [A]

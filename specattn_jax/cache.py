@@ -5,6 +5,8 @@ Each layer's keys and values are their own buffer (a tuple over layers rather th
 [L, ...] array), so a jitted step with the cache donated updates every layer in place and
 the attention kernels read a layer's buffer directly, with no slice or stack copies.
 
+`LayerCache.write` is the one place new keys and values enter a cache.
+
 Rolling back rejected draft tokens is setting `lengths`: entries at or past a sequence's
 length are stale and never read (every forward writes its new tokens before it attends, and a
 query at position p reads only positions <= p).
@@ -17,7 +19,37 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import scatter_rows
 from specattn_jax.config import LlamaConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+    """One layer's keys and values.
+
+    Attributes:
+      k: [B, S, H_kv, D] keys, RoPE already applied.
+      v: [B, S, H_kv, D] values.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[1]
+
+    def write(
+        self,
+        positions: jax.Array,  # i32[B, T]
+        k: jax.Array,  # [B, T, H_kv, D]
+        v: jax.Array,  # [B, T, H_kv, D]
+    ) -> LayerCache:
+        """The cache with token t of row b written at `positions[b, t]` (positions past the
+        cache dropped). Batched over rows, so a cache split over devices by row or head is
+        written in place, with no gather."""
+        return LayerCache(scatter_rows(self.k, positions, k), scatter_rows(self.v, positions, v))
 
 
 @jax.tree_util.register_dataclass
@@ -61,6 +93,18 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k[0].shape[1]
+
+    def layer(self, index: int) -> LayerCache:
+        return LayerCache(self.k[index], self.v[index])
+
+    @classmethod
+    def from_layers(cls, layers: list[LayerCache], lengths: jax.Array) -> KVCache:
+        """A cache of these layers' buffers with valid lengths i32[B]."""
+        return cls(
+            k=tuple(layer.k for layer in layers),
+            v=tuple(layer.v for layer in layers),
+            lengths=lengths.astype(jnp.int32),
+        )
 
     def with_lengths(self, lengths: jax.Array) -> KVCache:
         """The same entries with new valid lengths (i32[B]): a rollback or an advance."""

@@ -28,7 +28,7 @@ from specattn_jax.eval.report import compare_methods, markdown_table
 from specattn_jax.layer_map import LayerMap, calibrate
 from specattn_jax.loading import ASSETS, load_pretrained
 from specattn_jax.sampling import make_sampler
-from specattn_jax.sharding import make_mesh, shard_pair
+from specattn_jax.sharding import make_mesh
 from specattn_jax.speculative import SpecConfig, check_compatible, generate_stream
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -225,8 +225,6 @@ def cmd_eval_ppl(args) -> None:
     if draft is None:
         raise SpecAttnError("eval-ppl needs --draft (its drafts drive every step)")
     mesh = _mesh(args)
-    if mesh is not None:
-        draft, verifier = shard_pair(draft, verifier, mesh, args.batch_size)
     protocol = PerplexityProtocol(
         window=args.window, prefix=args.prefix, gamma=args.gamma, batch_size=args.batch_size
     )
@@ -247,7 +245,7 @@ def cmd_eval_ppl(args) -> None:
     value = args.budget if args.method in BUDGET_METHODS else args.attn_p
     factory.selector(args.method, value)  # validate before the long run
     rows = compare_methods(
-        factory, windows, protocol, [(args.method, value)], progress=not args.json
+        factory, windows, protocol, [(args.method, value)], mesh=mesh, progress=not args.json
     )
     payload = {
         "data": args.data,

@@ -1,10 +1,10 @@
-"""What every decoder shares: prompt padding and checks, the output buffer, the on-device
+"""The decoding loop's parts: prompt padding and checks, the output buffer, the on-device
 loop, the host-driven streaming loop, and the result type.
 
-A decoder (autoregressive or speculative) provides `prefill(...) -> state` and
-`step(state) -> state`, where `state` carries at least the fields of `DecodeProgress`.
-`run_to_completion` steps it in one `lax.while_loop` on device; `stream` steps it from the
-host and yields the tokens each step accepted.
+The one decoder (`speculative.spec_step`: speculative with a draft, autoregressive without)
+provides `prefill(...) -> state` and `step(state) -> state`, where `state.progress` is a
+`DecodeProgress`. `run_to_completion` steps it in one `lax.while_loop` on device; `stream`
+steps it from the host and yields the tokens each step accepted.
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
+from specattn_jax import sharding
 from specattn_jax.convert.hf import load_hf_model
 from specattn_jax.convert.llama2c import llama2c_tokenizer, load_llama2c_model
 from specattn_jax.convert.orbax_io import is_orbax_checkpoint, load_orbax
@@ -128,3 +130,19 @@ def load_pretrained(source: str | Path, dtype=jnp.float32, *, place=None):
     raise CheckpointError(
         f"{path} is neither a checkpoint directory (config.json) nor a llama2.c .bin file"
     )
+
+
+def load_sharded(
+    source: str | Path,
+    mesh: Mesh,
+    dtype=jnp.float32,
+    rules: sharding.ShardingRules = sharding.TENSOR_PARALLEL,
+):
+    """`load_pretrained` with every parameter placed on `mesh` under `rules` as it is read,
+    then `sharding.shard_model`. HF checkpoints are placed tensor by tensor; orbax and
+    llama2.c checkpoints load whole first and are placed after. Run the verifier's attention
+    head-parallel with `attend=sharding.HeadParallel(mesh)` (`generate(..., mesh=mesh)` does)."""
+    model, tokenizer = load_pretrained(
+        source, dtype, place=sharding.param_placer(mesh, dtype, rules)
+    )
+    return sharding.shard_model(model, mesh, rules), tokenizer

@@ -1,9 +1,17 @@
 """Llama in Flax NNX: RMSNorm, RoPE (HF's rotate-half convention, optional llama3 scaling),
 GQA/MQA/MHA attention over a preallocated KV cache, SwiGLU MLP.
 
-One forward serves prefill, decode (T = 1) and multi-token verify (T = gamma + 1):
+One forward serves prefill, decode (T = 1) and multi-token verify (T = gamma + 1), and,
+without a cache, training and scoring:
 
     logits, cache, info = model(tokens, cache)
+    logits, _, _ = model(tokens)  # causal over the tokens alone
+
+Each attention layer projects and rotates its queries and keys, writes the keys and values to
+its cache (`LayerCache.write`), and hands (queries, cache layer, positions, what to read) to
+one attention function (`attention.attend`); what a sparse layer reads arrives as data in the
+`AttentionPlan`. The model knows nothing of meshes: a sharded run passes
+`attend=sharding.HeadParallel(mesh)`.
 
 Under `jax.jit`, pass `(graphdef, state)` rather than the module, so the weights are
 arguments and not constants baked into the program (the pattern of Flax's gemma sampler):
@@ -20,6 +28,7 @@ arguments and not constants baked into the program (the pattern of Flax's gemma 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -27,31 +36,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import pallas_kernels
-from specattn_jax import sharding
 from specattn_jax.attention import (
+    DENSE,
+    Attend,
+    AttentionOutput,
     AttentionPlan,
     ForwardInfo,
-    dense_attention,
-    dense_kernel_attention,
-    sparse_attention,
+    SelfRead,
+    attend,
 )
-from specattn_jax.cache import KVCache
+from specattn_jax.cache import KVCache, LayerCache
 from specattn_jax.config import LlamaConfig
 
 _INIT_STD = 0.02
-# Up to this many new tokens per forward (decode and verify), dense layers on GPU use the
-# verify kernel with every block selected instead of XLA's attention over the whole cache.
-MAX_KERNEL_TOKENS = 16
-
-
-def use_dense_kernel(backend: str, head_dim: int, num_new: int, return_summary: bool) -> bool:
-    """Whether a dense layer runs the Pallas verify kernel (GPU decode/verify shapes)."""
-    return (
-        pallas_kernels.use_verify_kernel(backend, head_dim)
-        and num_new <= MAX_KERNEL_TOKENS
-        and not return_summary
-    )
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = _INIT_STD) -> nnx.Param:
@@ -103,6 +100,47 @@ def apply_rope(
     return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerInputs:
+    """What every layer of one forward shares.
+
+    Attributes:
+      positions: i32[B, T] the new tokens' positions.
+      context_lengths: i32[B] positions before them (0 without a cache).
+      inv_freq: f32[D // 2] RoPE inverse frequencies.
+      plan: the sparse plan, or None (every layer dense).
+      self_read: the `SelfRead` of a forward without a cache, else None.
+      attend: the attention function (`attention.attend`, or a wrapper such as
+        `sharding.HeadParallel`).
+      backend: "auto", "pallas" or "reference" for the kernels.
+      return_summary: whether layers report head-mean attention probabilities.
+    """
+
+    positions: jax.Array
+    context_lengths: jax.Array
+    inv_freq: jax.Array
+    plan: AttentionPlan | None
+    self_read: SelfRead | None
+    attend: Attend
+    backend: str
+    return_summary: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerResult:
+    """What a layer reports besides its output.
+
+    Attributes:
+      cache: the layer's cache with this forward's keys and values (None without a cache).
+      attention: its `AttentionOutput` (positions read, optional head-mean probabilities).
+      queries: [B, T, H, D] its RoPE'd queries.
+    """
+
+    cache: LayerCache | None
+    attention: AttentionOutput
+    queries: jax.Array
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention; weights in einsum layouts `[E, H, D]` and `[H, D, E]`."""
 
@@ -123,25 +161,16 @@ class Attention(nnx.Module):
             self.v_bias = nnx.Param(jnp.zeros((kv_heads, dim), dtype))
             self.o_bias = nnx.Param(jnp.zeros((embed,), dtype))
         self.use_bias = config.attention_bias
-        # A Mesh after `sharding.shard_model`: attention runs per device on its own KV heads.
-        self.mesh = None
 
     def __call__(
         self,
         x: jax.Array,  # [B, T, E]
-        positions: jax.Array,  # i32[B, T]
-        inv_freq: jax.Array,  # f32[D // 2]
-        k_cache: jax.Array,  # [B, S, H_kv, D]
-        v_cache: jax.Array,  # [B, S, H_kv, D]
-        context_lengths: jax.Array,  # i32[B]
         layer_index: int,
-        plan: AttentionPlan | None,
-        return_summary: bool,
-        backend: str,
-    ):
-        """Returns the output [B, T, E], the layer's updated caches, the head-mean attention
-        f32[B, T, S] (or None), the cache positions the attention read per sequence i32[B]
-        and the RoPE'd queries [B, T, H, D]."""
+        cache: LayerCache | None,  # [B, S, H_kv, D] each
+        inputs: LayerInputs,
+    ) -> tuple[jax.Array, LayerResult]:
+        """Projections and RoPE, the cache write, then `inputs.attend` over what the plan says
+        this layer reads. Returns the output [B, T, E] and the `LayerResult`."""
         with jax.named_scope("qkv"):
             q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...])
             k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...])
@@ -149,51 +178,31 @@ class Attention(nnx.Module):
             if self.use_bias:
                 q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         with jax.named_scope("rope"):
-            q = apply_rope(q, positions, inv_freq)
-            k = apply_rope(k, positions, inv_freq)
-        with jax.named_scope("cache_update"):  # batched over rows: no gather when sharded
-            k_cache = pallas_kernels.scatter_rows(k_cache, positions, k)
-            v_cache = pallas_kernels.scatter_rows(v_cache, positions, v)
-            k_cache, v_cache = sharding.constrain_kv(self.mesh, k_cache, v_cache)
-        num_new = x.shape[1]
-        attend = functools.partial(sharding.head_parallel, self.mesh)
-        with jax.named_scope("attention"):
-            if plan is None or not plan.sparse_layers[layer_index]:
-                if use_dense_kernel(backend, q.shape[-1], num_new, return_summary):
-                    out, kv_read = attend(
-                        dense_kernel_attention, q, k_cache, v_cache, context_lengths
-                    )
-                    summary = None
-                else:
-                    out, kv_read, summary = attend(
-                        functools.partial(dense_attention, return_summary=return_summary),
-                        q,
-                        k_cache,
-                        v_cache,
-                        positions,
-                        summary=True,
-                    )
-            else:
+            q = apply_rope(q, inputs.positions, inputs.inv_freq)
+            k = apply_rope(k, inputs.positions, inputs.inv_freq)
+        if cache is None:
+            keys, read = LayerCache(k, v), inputs.self_read
+        else:
+            with jax.named_scope("cache_update"):
+                cache = keys = cache.write(inputs.positions, k, v)
+            read = DENSE
+            if inputs.plan is not None:
                 with jax.named_scope("select"):
-                    block_indices, block_counts = plan.layer_selection(
-                        layer_index, q, k_cache, context_lengths
-                    )
-                out, kv_read = attend(
-                    functools.partial(
-                        sparse_attention, granularity=plan.granularity, backend=backend
-                    ),
-                    q,
-                    k_cache,
-                    v_cache,
-                    block_indices,
-                    block_counts,
-                    context_lengths,
-                )
-                summary = None
-        out = jnp.einsum("bthd,hde->bte", out.astype(x.dtype), self.o_proj[...])
+                    read = inputs.plan.read(layer_index, q, keys, inputs.context_lengths)
+        with jax.named_scope("attention"):
+            attention = inputs.attend(
+                q,
+                keys,
+                inputs.positions,
+                inputs.context_lengths,
+                read,
+                backend=inputs.backend,
+                return_summary=inputs.return_summary,
+            )
+        out = jnp.einsum("bthd,hde->bte", attention.out.astype(x.dtype), self.o_proj[...])
         if self.use_bias:
             out = out + self.o_bias[...]
-        return out, k_cache, v_cache, summary, kv_read, q
+        return out, LayerResult(cache, attention, q)
 
 
 class MLP(nnx.Module):
@@ -227,19 +236,13 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype=dtype, rngs=rngs)
         self.mlp = MLP(config, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, k_cache, v_cache, context_lengths, *attn_args):
-        attn_out, k_cache, v_cache, attn_summary, kv_read, queries = self.self_attn(
-            self.input_layernorm(x),
-            positions,
-            inv_freq,
-            k_cache,
-            v_cache,
-            context_lengths,
-            *attn_args,
-        )
+    def __call__(
+        self, x: jax.Array, layer_index: int, cache: LayerCache | None, inputs: LayerInputs
+    ) -> tuple[jax.Array, LayerResult]:  # x: [B, T, E]
+        attn_out, result = self.self_attn(self.input_layernorm(x), layer_index, cache, inputs)
         x = x + attn_out
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, k_cache, v_cache, attn_summary, kv_read, queries
+        return x, result
 
 
 class Llama(nnx.Module):
@@ -266,7 +269,7 @@ class Llama(nnx.Module):
     def __call__(
         self,
         tokens: jax.Array,  # i32[B, T]
-        cache: KVCache,
+        cache: KVCache | None = None,
         *,
         num_tokens: jax.Array | None = None,  # i32[B]
         plan: AttentionPlan | None = None,
@@ -274,23 +277,31 @@ class Llama(nnx.Module):
         return_queries: bool = False,
         last_logits_only: bool = False,
         backend: str = "auto",
-    ) -> tuple[jax.Array, KVCache, ForwardInfo]:
+        attend: Attend = attend,
+        implementation: str | None = None,
+    ) -> tuple[jax.Array, KVCache | None, ForwardInfo]:
         """Runs T new tokens per sequence through the model, appending them to the cache.
 
         Args:
           tokens: i32[B, T] new tokens; row b's first `num_tokens[b]` are real, the rest
             padding (their cache entries land past the new length and are never read).
           cache: the KV cache; token t of row b goes to position `cache.lengths[b] + t`.
+            None: a causal forward over the tokens alone, at positions 0..T-1 (training and
+            scoring; attention by `jax.nn.dot_product_attention`).
           num_tokens: i32[B] real tokens per row (default: all T).
           plan: per-layer sparse selection for verify; None attends densely everywhere.
           return_attention: also return the head-mean attention probabilities.
           return_queries: also return every layer's RoPE'd queries (for calibrations).
           last_logits_only: return logits only at each row's last real token.
-          backend: "auto", "pallas" or "reference" for the sparse attention.
+          backend: "auto", "pallas" or "reference" for the attention kernels.
+          attend: the attention function (default `attention.attend`); a mesh's
+            `sharding.HeadParallel` runs it per device on its own KV heads.
+          implementation: without a cache, `jax.nn.dot_product_attention`'s implementation
+            (None: XLA's choice, "xla", "cudnn").
 
         Returns:
           logits: f32[B, T, V] (or f32[B, 1, V] with `last_logits_only`).
-          cache: the cache with the new entries and `lengths + num_tokens`.
+          cache: the cache with the new entries and `lengths + num_tokens` (None without one).
           info: `ForwardInfo`: the head-mean attention probabilities f32[L, B, T, S] over
             cache positions when `return_attention` (sparse layers report zeros), and the KV
             entries each layer read.
@@ -298,54 +309,48 @@ class Llama(nnx.Module):
         batch, seq = tokens.shape
         if num_tokens is None:
             num_tokens = jnp.full((batch,), seq, jnp.int32)
-        context_lengths = cache.lengths
+        if cache is None and plan is not None:
+            raise ValueError("a sparse plan needs a KV cache to read from")
+        context_lengths = jnp.zeros((batch,), jnp.int32) if cache is None else cache.lengths
         positions = context_lengths[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
-        inv_freq = rope_inverse_frequencies(self.config)
+        inputs = LayerInputs(
+            positions=positions,
+            context_lengths=context_lengths,
+            inv_freq=rope_inverse_frequencies(self.config),
+            plan=plan,
+            self_read=SelfRead(implementation) if cache is None else None,
+            attend=attend,
+            backend=backend,
+            return_summary=return_attention,
+        )
         x = jnp.take(self.embed_tokens[...], tokens, axis=0)
-        new_k, new_v, summaries, kv_read, queries = [], [], [], [], []
+        results = []
         for layer_index, layer in enumerate(self.layers):
-            x, k_layer, v_layer, summary, layer_kv_read, layer_queries = layer(
-                x,
-                positions,
-                inv_freq,
-                cache.k[layer_index],
-                cache.v[layer_index],
-                context_lengths,
-                layer_index,
-                plan,
-                return_attention,
-                backend,
-            )
-            new_k.append(k_layer)
-            new_v.append(v_layer)
-            kv_read.append(layer_kv_read)
-            queries.append(layer_queries)
-            if return_attention:
-                if summary is None:
-                    summary = jnp.zeros((batch, seq, cache.max_len), jnp.float32)
-                summaries.append(summary)
+            layer_cache = None if cache is None else cache.layer(layer_index)
+            x, result = layer(x, layer_index, layer_cache, inputs)
+            results.append(result)
         if last_logits_only:
             x = jnp.take_along_axis(x, (num_tokens - 1)[:, None, None], axis=1)
         x = self.norm(x)
         head = self.embed_tokens[...].T if self.config.tie_word_embeddings else self.lm_head[...]
         logits = jnp.einsum("bte,ev->btv", x, head, preferred_element_type=jnp.float32)
-        cache = KVCache(
-            k=tuple(new_k),
-            v=tuple(new_v),
-            lengths=context_lengths + num_tokens.astype(jnp.int32),
-        )
+        if cache is not None:
+            new_lengths = context_lengths + num_tokens.astype(jnp.int32)
+            cache = KVCache.from_layers([r.cache for r in results], new_lengths)
         info = ForwardInfo(
-            attention=jnp.stack(summaries) if return_attention else None,
-            kv_read=jnp.stack(kv_read),
+            attention=jnp.stack([r.attention.summary for r in results])
+            if return_attention
+            else None,
+            kv_read=jnp.stack([r.attention.kv_read for r in results]),
             kv_dense=context_lengths + seq,
-            queries=jnp.stack(queries) if return_queries else None,
+            queries=jnp.stack([r.queries for r in results]) if return_queries else None,
         )
         return logits, cache, info
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "return_attention", "last_logits_only", "backend"),
+    static_argnames=("graphdef", "return_attention", "last_logits_only", "backend", "attend"),
     donate_argnames=("cache",),
 )
 def forward(
@@ -359,6 +364,7 @@ def forward(
     return_attention: bool = False,
     last_logits_only: bool = False,
     backend: str = "auto",
+    attend: Attend = attend,
 ):
     """Jitted `Llama.__call__` on a split model; the cache is donated (updated in place)."""
     model = nnx.merge(graphdef, state)
@@ -370,6 +376,7 @@ def forward(
         return_attention=return_attention,
         last_logits_only=last_logits_only,
         backend=backend,
+        attend=attend,
     )
 
 

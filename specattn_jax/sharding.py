@@ -11,14 +11,15 @@ stays replicated. The `"data"` axis splits the batch of both models and caches.
 Inside jit everything but attention is left to XLA's partitioner (the sharded parameters and
 caches decide the layout; the two contractions over split dimensions, `o_proj` and
 `down_proj`, end in one all-reduce each). Attention runs under `jax.shard_map`
-(`head_parallel`): each device reads only its own KV heads, dense or through the sparse verify
-kernel, with no communication. Selection indices are per (sequence, layer) and shared by all
+(`HeadParallel`, the `attend` a sharded model's forward is given: the model itself knows
+nothing of meshes): each device reads only its own KV heads, dense or through the sparse
+verify kernel, with no communication. Selection indices are per (sequence, layer) and shared by all
 heads, so every device uses the same list for its own heads; SpecAttn's top-p selection runs
 on the replicated draft's attention and needs no communication either.
 
     mesh = make_mesh("model=2,data=1")
-    verifier, tokenizer = load_sharded("path/to/verifier", mesh, jnp.bfloat16)
-    draft, _ = load_sharded("path/to/draft", mesh, jnp.bfloat16, rules=REPLICATED)
+    verifier, tokenizer = loading.load_sharded("path/to/verifier", mesh, jnp.bfloat16)
+    draft, _ = loading.load_sharded("path/to/draft", mesh, jnp.bfloat16, rules=REPLICATED)
     result = generate(draft, verifier, prompts, config, max_new_tokens=64, mesh=mesh)
 """
 
@@ -36,7 +37,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from specattn_jax.cache import KVCache
+from specattn_jax.attention import Attend, AttentionOutput, Read, attend
+from specattn_jax.cache import KVCache, LayerCache
 from specattn_jax.errors import SpecAttnError
 
 DATA, MODEL = "data", "model"
@@ -239,12 +241,12 @@ def param_placer(
 def shard_model(model, mesh: Mesh, rules: ShardingRules = TENSOR_PARALLEL):
     """A copy of `model` with its parameters placed on `mesh` under `rules`.
 
-    With the default rules (heads over "model") the copy's attention runs head-parallel under
-    `shard_map`; with `REPLICATED` (for the draft) it is a plain replicated copy. Parameters
-    already placed that way (by `param_placer`) are not moved.
+    With the default rules (heads over "model") run its attention head-parallel by passing
+    `attend=HeadParallel(mesh)` to its forward; with `REPLICATED` (for the draft) it is a plain
+    replicated copy. Parameters already placed that way (by `param_placer`) are not moved. The
+    model's modules are not changed.
     """
-    head_parallel = rules.kv_heads is not None and axis_size(mesh, rules.kv_heads) > 1
-    if head_parallel or rules.q_heads is not None:
+    if rules.kv_heads is not None or rules.q_heads is not None:
         check_mesh(mesh, model.config)
     graphdef, state = nnx.split(model)
     placed = [
@@ -252,10 +254,7 @@ def shard_model(model, mesh: Mesh, rules: ShardingRules = TENSOR_PARALLEL):
             path, var.get_value().shape, mesh, rules)))))
         for path, var in nnx.to_flat_state(state)
     ]  # fmt: skip
-    model = nnx.merge(graphdef, nnx.from_flat_state(placed))
-    for layer in model.layers:
-        layer.self_attn.mesh = mesh if head_parallel else None
-    return model
+    return nnx.merge(graphdef, nnx.from_flat_state(placed))
 
 
 def replicate_model(model, mesh: Mesh):
@@ -263,19 +262,16 @@ def replicate_model(model, mesh: Mesh):
     return shard_model(model, mesh, REPLICATED)
 
 
-def attention_mesh(model) -> Mesh | None:
-    """The mesh a model's attention runs head-parallel over (None: not sharded)."""
-    return getattr(model.layers[0].self_attn, "mesh", None)
-
-
 def shard_pair(draft, verifier, mesh: Mesh, batch_size: int):
-    """(draft replicated, verifier tensor-parallel) on `mesh`, for a batch of `batch_size`.
+    """(draft replicated, verifier tensor-parallel) on `mesh`, for a batch of `batch_size`
+    (a draft of None stays None).
 
     Raises `SpecAttnError` when the mesh does not divide the verifier's heads or the batch.
     Models already placed this way (e.g. by `load_sharded`) are not moved again.
     """
     check_mesh(mesh, verifier.config, batch_size)
-    return replicate_model(draft, mesh), shard_model(verifier, mesh)
+    draft = None if draft is None else replicate_model(draft, mesh)
+    return draft, shard_model(verifier, mesh)
 
 
 def put_batch(mesh: Mesh | None, array) -> jax.Array:
@@ -287,23 +283,13 @@ def put_batch(mesh: Mesh | None, array) -> jax.Array:
     return jax.device_put(array, NamedSharding(mesh, spec))
 
 
-def load_sharded(source, mesh: Mesh, dtype=jnp.float32, rules: ShardingRules = TENSOR_PARALLEL):
-    """`load_pretrained` with every parameter placed sharded as it is read, then
-    `shard_model`. HF checkpoints are placed tensor by tensor; orbax and llama2.c checkpoints
-    load whole first and are placed after."""
-    from specattn_jax.loading import load_pretrained
-
-    model, tokenizer = load_pretrained(source, dtype, place=param_placer(mesh, dtype, rules))
-    return shard_model(model, mesh, rules), tokenizer
-
-
 def _put(array, sharding: NamedSharding):
     if isinstance(array, jax.Array) and array.sharding.is_equivalent_to(sharding, array.ndim):
         return array
     return jax.device_put(array, sharding)
 
 
-# KV caches.
+# KV caches and attention.
 
 
 def cache_shardings(
@@ -320,15 +306,15 @@ def cache_shardings(
     )
 
 
-def init_cache(model, batch_size: int, max_len: int, mesh: Mesh | None = None) -> KVCache:
+def init_cache(
+    model, batch_size: int, max_len: int, mesh: Mesh | None = None, head_parallel: bool = True
+) -> KVCache:
     """`model.init_cache`, allocated sharded on `mesh` (each device allocates only its
-    shard): by KV head for a model from `shard_model`, replicated for the draft."""
+    shard): by KV head for the verifier (`head_parallel`), replicated for the draft."""
     if mesh is None:
         return model.init_cache(batch_size, max_len)
     check_batch(mesh, batch_size)
-    shardings = cache_shardings(
-        mesh, model.config.num_hidden_layers, attention_mesh(model) is not None
-    )
+    shardings = cache_shardings(mesh, model.config.num_hidden_layers, head_parallel)
     build = functools.partial(KVCache.init, model.config, batch_size, max_len, model.dtype)
     return jax.jit(build, out_shardings=shardings)()
 
@@ -339,59 +325,67 @@ def shard_cache(cache: KVCache, mesh: Mesh, head_parallel: bool = True) -> KVCac
     return jax.device_put(cache, cache_shardings(mesh, cache.num_layers, head_parallel))
 
 
-def constrain_kv(mesh: Mesh | None, *caches: jax.Array) -> tuple[jax.Array, ...]:
-    """Pins layer caches [B, S, H_kv, D] to batch over "data", KV heads over "model" inside
-    jit (a no-op without a mesh), so XLA never chooses to gather them."""
-    if mesh is None:
-        return caches
-    sharding = NamedSharding(mesh, TENSOR_PARALLEL.spec(CACHE_AXES))
-    return tuple(jax.lax.with_sharding_constraint(c, sharding) for c in caches)
+@dataclasses.dataclass(frozen=True)
+class HeadParallel:
+    """`attention.attend`, run by each device of `mesh` on its own heads: the `attend` of a
+    model from `shard_model` (hashable, so it can be a static argument of a jitted step).
 
-
-# Attention per device.
-
-
-def head_parallel(
-    mesh: Mesh | None,
-    fn: Callable,
-    q: jax.Array,  # [B, T, H, D]
-    k_cache: jax.Array,  # [B, S, H_kv, D]
-    v_cache: jax.Array,  # [B, S, H_kv, D]
-    *per_sequence: jax.Array,  # [B, ...] each
-    summary: bool = False,
-):
-    """`fn(q, k_cache, v_cache, *per_sequence)` run by each device on its own heads.
-
-    Without a mesh this is just the call. With one, `jax.shard_map` hands each device its
-    batch rows ("data") and its contiguous slice of KV heads ("model") with the query heads
-    that read them (heads are KV-head-major, so those are contiguous too), plus its rows of
-    the per-sequence arguments (positions, selected block lists and counts, lengths: the
-    same for every head). No KV entry crosses devices. `fn` returns (output [B, T, H, D],
-    positions read i32[B]); with `summary=True`, (output, positions read, head-mean
-    f32[B, T, S] or None), and the per-device head means are averaged over "model" (equal
-    head counts per device). Every device reads the same positions for its own heads, so the
-    count needs no communication.
+    `jax.shard_map` hands each device its batch rows ("data") and its contiguous slice of KV
+    heads ("model") with the query heads that read them (heads are KV-head-major, so those
+    are contiguous too), plus its rows of the per-sequence arguments (positions, lengths and
+    every array of the read: block lists and counts, the same for every head). No KV entry
+    crosses devices. Head-mean probabilities, when asked for, are averaged over "model"
+    (equal head counts per device); every device reads the same positions for its own heads,
+    so the read count needs no communication.
     """
-    if mesh is None:
-        return fn(q, k_cache, v_cache, *per_sequence)
-    heads, kv_heads = TENSOR_PARALLEL.spec(QUERY_AXES), TENSOR_PARALLEL.spec(CACHE_AXES)
-    rows = tuple(P(DATA, *(None,) * (x.ndim - 1)) for x in per_sequence)
 
-    def per_device(q, k_cache, v_cache, *per_sequence):
-        outputs = fn(q, k_cache, v_cache, *per_sequence)
-        if not summary:
-            return outputs
-        out, reads, probs = outputs
-        return out, reads, None if probs is None else jax.lax.pmean(probs, MODEL)
+    mesh: Mesh
 
-    # check_vma=False: the Pallas kernel has no varying-manual-axes rule. The only collective
-    # is the pmean above, whose output is replicated over "model" by construction, as are the
-    # read counts (the same positions on every device).
-    mapped = jax.shard_map(
-        per_device,
-        mesh=mesh,
-        in_specs=(heads, kv_heads, kv_heads, *rows),
-        out_specs=(heads, P(DATA), P(DATA)) if summary else (heads, P(DATA)),
-        check_vma=False,
-    )
-    return mapped(q, k_cache, v_cache, *per_sequence)
+    def __call__(
+        self,
+        q: jax.Array,  # [B, T, H, D]
+        cache: LayerCache,  # [B, S, H_kv, D] each
+        positions: jax.Array,  # i32[B, T]
+        context_lengths: jax.Array,  # i32[B]
+        read: Read,
+        *,
+        backend: str = "auto",
+        return_summary: bool = False,
+    ) -> AttentionOutput:
+        heads, kv_heads = TENSOR_PARALLEL.spec(QUERY_AXES), TENSOR_PARALLEL.spec(CACHE_AXES)
+
+        def by_row(tree):
+            return jax.tree.map(lambda x: P(DATA, *(None,) * (x.ndim - 1)), tree)
+
+        def per_device(q, cache, positions, context_lengths, read):
+            result = attend(
+                q, cache, positions, context_lengths, read,
+                backend=backend, return_summary=return_summary,
+            )  # fmt: skip
+            if result.summary is None:
+                return result
+            return dataclasses.replace(result, summary=jax.lax.pmean(result.summary, MODEL))
+
+        # check_vma=False: the Pallas kernel has no varying-manual-axes rule. The only
+        # collective is the pmean above, whose output is replicated over "model" by
+        # construction, as are the read counts (the same positions on every device).
+        mapped = jax.shard_map(
+            per_device,
+            mesh=self.mesh,
+            in_specs=(
+                heads,
+                LayerCache(kv_heads, kv_heads),
+                by_row(positions),
+                by_row(context_lengths),
+                by_row(read),
+            ),
+            out_specs=AttentionOutput(heads, P(DATA), P(DATA) if return_summary else None),
+            check_vma=False,
+        )
+        return mapped(q, cache, positions, context_lengths, read)
+
+
+def attention_for(mesh: Mesh | None) -> Attend:
+    """The verifier's `attend` on `mesh`: `HeadParallel` when the "model" axis splits its
+    heads, else the plain `attention.attend` (XLA partitions a data-only mesh by itself)."""
+    return HeadParallel(mesh) if axis_size(mesh, MODEL) > 1 else attend

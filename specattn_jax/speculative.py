@@ -12,6 +12,11 @@ SpecAttn is the selector of `SpecConfig(attn_p=...)`: the draft's attention of s
 picks, through the layer map, the KV blocks each sparse verifier layer reads in step 2.
 Baselines plug in as other selectors (`SpecConfig(selector=...)`).
 
+Without a draft the same step is autoregressive decoding: no drafts (gamma = 0), one
+verifier forward on the pending token, and the acceptance rule picks the next token from it.
+One `while_loop` driver (`_generate`), one streaming iterator (`generate_stream`) and one
+statistics builder (`spec_stats`) serve both.
+
 Positions: a sequence of `seq_len` tokens (prompt + generated) has its last token *pending*:
 in neither cache yet. At a step's start the verifier cache holds `seq_len - 1` entries and
 the draft cache `seq_len - 2`; the draft's first forward re-feeds the two last tokens, which
@@ -24,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +37,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from specattn_jax import autoregressive, sharding
+from specattn_jax import sharding
 from specattn_jax.acceptance import AcceptanceRule, acceptance_for
-from specattn_jax.attention import AttentionPlan
+from specattn_jax.attention import Attend, AttentionPlan, attend
 from specattn_jax.cache import KVCache
+from specattn_jax.config import LlamaConfig
 from specattn_jax.decoding import (
     DecodeProgress,
     GenerationResult,
@@ -148,13 +155,22 @@ class SpecConfig:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class Pair:
+    """A (draft, verifier) pair of anything: parameters, caches. `draft` is None when
+    decoding autoregressively."""
+
+    draft: Any
+    verifier: Any
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class SpecState:
-    """Everything a speculative step reads and writes.
+    """Everything a decoding step reads and writes.
 
     Attributes:
       progress: generated tokens, budgets, done flags.
-      draft_cache: the draft's KV cache.
-      verifier_cache: the verifier's KV cache.
+      caches: the draft's (None without a draft) and the verifier's KV caches.
       seq_lengths: i32[B] prompt + generated tokens; the last one is pending.
       last_two: i32[B, 2] the tokens at positions seq_len - 2 and seq_len - 1.
       key: PRNG key; the prefill uses `fold_in(key, 0)`, step `i` `fold_in(key, i + 1)`.
@@ -170,8 +186,7 @@ class SpecState:
     """
 
     progress: DecodeProgress
-    draft_cache: KVCache
-    verifier_cache: KVCache
+    caches: Pair
     seq_lengths: jax.Array  # i32[B]
     last_two: jax.Array  # i32[B, 2]
     key: jax.Array
@@ -185,11 +200,24 @@ class SpecState:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Models:
-    """The static halves of the split models (hashable graph definitions)."""
+class Decoder:
+    """The static half of a decoder: hashable, a static argument of the jitted loop.
 
-    draft: nnx.GraphDef
+    Attributes:
+      draft: the draft's graph definition, or None (autoregressive decoding).
+      verifier: the verifier's graph definition.
+      gamma: tokens drafted per step (0 without a draft).
+      eos_id: the stop token, or None.
+      backend: "auto", "pallas" or "reference" for the kernels.
+      verifier_attend: the verifier's attention function (`sharding.attention_for(mesh)`).
+    """
+
+    draft: nnx.GraphDef | None
     verifier: nnx.GraphDef
+    gamma: int
+    eos_id: int | None
+    backend: str
+    verifier_attend: Attend = attend
 
 
 @jax.tree_util.register_dataclass
@@ -202,7 +230,7 @@ class Drafts:
       logits: f32[B, gamma, V] the draft's logits that produced them.
       attention: f32[gamma, L_d, B, S] the draft's head-mean attention of each drafting query
         over the cache, or None when not asked for.
-      cache: the draft's cache, lengths advanced by gamma + 1.
+      cache: the draft's cache, lengths advanced by gamma + 1 (None without a draft).
       kv_read: i32[B] cache positions the draft's attention read, over its layers and
         forwards.
     """
@@ -210,8 +238,19 @@ class Drafts:
     tokens: jax.Array
     logits: jax.Array
     attention: jax.Array | None
-    cache: KVCache
+    cache: KVCache | None
     kv_read: jax.Array
+
+    @classmethod
+    def none(cls, batch: int, vocab_size: int) -> Drafts:
+        """No drafts (autoregressive decoding): the verifier alone picks the next token."""
+        return cls(
+            tokens=jnp.zeros((batch, 0), jnp.int32),
+            logits=jnp.zeros((batch, 0, vocab_size), jnp.float32),
+            attention=None,
+            cache=None,
+            kv_read=jnp.zeros((batch,), jnp.int32),
+        )
 
 
 def draft_tokens(
@@ -253,11 +292,10 @@ def draft_tokens(
 
 
 def draft_and_plan(
-    draft: Llama,
-    num_verifier_layers: int,
+    draft: Llama | None,
+    verifier_config: LlamaConfig,
     selector: Selector | None,
-    draft_cache: KVCache,
-    verifier_cache: KVCache,
+    caches: Pair,
     last_two: jax.Array,  # i32[B, 2]
     seq_lengths: jax.Array,  # i32[B]
     rule: AcceptanceRule,
@@ -265,13 +303,16 @@ def draft_and_plan(
     gamma: int,
 ) -> tuple[Drafts, KVCache, AttentionPlan | None]:
     """The first half of a step for sequences of `seq_lengths` tokens whose last two are
-    `last_two` (the last one pending): the drafts, the verifier's cache rolled back to the
-    context before the pending token, and the selector's plan for the verify (None: dense)."""
+    `last_two` (the last one pending): the drafts (none without a draft), the verifier's
+    cache rolled back to the context before the pending token, and the selector's plan for
+    the verify (None: dense)."""
+    verifier_cache = caches.verifier.with_lengths(seq_lengths - 1)
+    if draft is None:
+        return Drafts.none(len(seq_lengths), verifier_config.vocab_size), verifier_cache, None
     with jax.named_scope("draft"):
-        draft_cache = draft_cache.with_lengths(seq_lengths - 2)
+        draft_cache = caches.draft.with_lengths(seq_lengths - 2)
         need_attention = selector is not None and selector.needs_draft_attention
         drafts = draft_tokens(draft, draft_cache, last_two, rule, key, gamma, need_attention)
-    verifier_cache = verifier_cache.with_lengths(seq_lengths - 1)
     if selector is None:
         return drafts, verifier_cache, None
     with jax.named_scope("select"):
@@ -279,54 +320,66 @@ def draft_and_plan(
             SelectionInputs(
                 context_lengths=verifier_cache.lengths,
                 draft_attention=drafts.attention,
-                num_layers=num_verifier_layers,
+                num_layers=verifier_config.num_hidden_layers,
                 cache_size=verifier_cache.max_len,
             )
         )
     return drafts, verifier_cache, plan
 
 
+def _merge(decoder: Decoder, params: Pair) -> tuple[Llama | None, Llama]:
+    draft = None if decoder.draft is None else nnx.merge(decoder.draft, params.draft)
+    return draft, nnx.merge(decoder.verifier, params.verifier)
+
+
 def spec_step(
-    models: _Models,
-    params,
+    decoder: Decoder,
+    params: Pair,
     rule: AcceptanceRule,
     selector: Selector | None,
-    eos_id: int | None,
-    gamma: int,
-    backend: str,
     state: SpecState,
 ) -> SpecState:
-    """One speculative step for every sequence (see the module docstring)."""
-    draft = nnx.merge(models.draft, params[0])
-    verifier = nnx.merge(models.verifier, params[1])
+    """One decoding step for every sequence (see the module docstring); without a draft,
+    one verifier forward on the pending token, which picks the next."""
+    draft, verifier = _merge(decoder, params)
+    gamma = decoder.gamma
     active = ~state.progress.done
     step_key = jax.random.fold_in(state.key, state.step + 1)
     draft_key, accept_key = jax.random.split(step_key)
 
     drafts, verifier_cache, plan = draft_and_plan(
-        draft, verifier.config.num_hidden_layers, selector, state.draft_cache,
-        state.verifier_cache, state.last_two, state.seq_lengths, rule, draft_key, gamma,
+        draft, verifier.config, selector, state.caches, state.last_two, state.seq_lengths,
+        rule, draft_key, gamma,
     )  # fmt: skip
     drafted = drafts.tokens
     with jax.named_scope("verify"):
         verify_tokens = jnp.concatenate([state.last_two[:, 1:], drafted], axis=1)
         verifier_logits, verifier_cache, info = verifier(
-            verify_tokens, verifier_cache, plan=plan, backend=backend
+            verify_tokens,
+            verifier_cache,
+            plan=plan,
+            backend=decoder.backend,
+            attend=decoder.verifier_attend,
         )
     with jax.named_scope("accept"):
         num_accepted, next_token = rule.accept(drafted, drafts.logits, verifier_logits, accept_key)
         offsets = jnp.arange(gamma + 1)[None, :]
         padded_drafts = jnp.pad(drafted, ((0, 0), (0, 1)))
         new_tokens = jnp.where(offsets == num_accepted[:, None], next_token[:, None], padded_drafts)
-        progress, taken = state.progress.append(new_tokens, num_accepted + 1, eos_id)
+        progress, taken = state.progress.append(new_tokens, num_accepted + 1, decoder.eos_id)
         seq_lengths = state.seq_lengths + taken
         history = jnp.concatenate([state.last_two, new_tokens], axis=1)
         last_two = jnp.take_along_axis(history, taken[:, None] + jnp.arange(2)[None, :], axis=1)
     active_rows = active.astype(jnp.float32)
+
+    def per_step(log: jax.Array, reads: jax.Array) -> jax.Array:
+        """`log` with this step's reads, summed over the active rows, at row `step`."""
+        return log.at[state.step].set(reads.astype(jnp.float32) @ active_rows, mode="drop")
+
+    draft_cache = None if drafts.cache is None else drafts.cache.with_lengths(seq_lengths - 2)
     return SpecState(
         progress=progress,
-        draft_cache=drafts.cache.with_lengths(seq_lengths - 2),
-        verifier_cache=verifier_cache.with_lengths(seq_lengths - 1),
+        caches=Pair(draft_cache, verifier_cache.with_lengths(seq_lengths - 1)),
         seq_lengths=seq_lengths,
         last_two=last_two,
         key=state.key,
@@ -334,37 +387,48 @@ def spec_step(
         drafted=state.drafted + jnp.where(active, gamma, 0),
         accepted=state.accepted + jnp.where(active, num_accepted, 0),
         active_steps=state.active_steps + active.astype(jnp.int32),
-        kv_read=state.kv_read.at[state.step].set(
-            info.kv_read.astype(jnp.float32) @ active_rows, mode="drop"
-        ),
-        kv_dense=state.kv_dense.at[state.step].set(
-            info.kv_dense.astype(jnp.float32) @ active_rows, mode="drop"
-        ),
-        draft_kv_read=state.draft_kv_read.at[state.step].set(
-            drafts.kv_read.astype(jnp.float32) @ active_rows, mode="drop"
-        ),
+        kv_read=per_step(state.kv_read, info.kv_read),
+        kv_dense=per_step(state.kv_dense, info.kv_dense),
+        draft_kv_read=per_step(state.draft_kv_read, drafts.kv_read),
     )
 
 
-def _prefill(models, params, tokens, lengths, caches, rule, key, budgets, max_new, eos_id):
-    draft = nnx.merge(models.draft, params[0])
-    verifier = nnx.merge(models.verifier, params[1])
+def prefill(
+    decoder: Decoder,
+    params: Pair,
+    tokens: jax.Array,  # i32[B, T] right-padded prompts
+    lengths: jax.Array,  # i32[B]
+    caches: Pair,
+    rule: AcceptanceRule,
+    key: jax.Array,
+    budgets: jax.Array,  # i32[B]
+    max_new: int,
+) -> SpecState:
+    """Prefills both caches with the prompts and picks each sequence's first new token."""
+    draft, verifier = _merge(decoder, params)
     with jax.named_scope("prefill"):
         logits, verifier_cache, _ = verifier(
-            tokens, caches[1], num_tokens=lengths, last_logits_only=True
+            tokens,
+            caches.verifier,
+            num_tokens=lengths,
+            last_logits_only=True,
+            attend=decoder.verifier_attend,
         )
-        _, draft_cache, _ = draft(tokens, caches[0], num_tokens=lengths, last_logits_only=True)
+        draft_cache = None
+        if draft is not None:
+            _, draft_cache, _ = draft(
+                tokens, caches.draft, num_tokens=lengths, last_logits_only=True
+            )
     first = rule.sample(logits[:, 0], jax.random.fold_in(key, 0))
     progress, taken = DecodeProgress.init(budgets, max_new).append(
-        first[:, None], jnp.ones_like(lengths), eos_id
+        first[:, None], jnp.ones_like(lengths), decoder.eos_id
     )
     last_prompt_token = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0]
     zeros = jnp.zeros_like(lengths)
     num_layers = verifier.config.num_hidden_layers
     return SpecState(
         progress=progress,
-        draft_cache=draft_cache,
-        verifier_cache=verifier_cache,
+        caches=Pair(draft_cache, verifier_cache),
         seq_lengths=lengths + taken,
         last_two=jnp.stack([last_prompt_token, first], axis=1),
         key=key,
@@ -378,25 +442,16 @@ def _prefill(models, params, tokens, lengths, caches, rule, key, budgets, max_ne
     )
 
 
-_STATIC = ("models", "max_new", "eos_id", "gamma", "backend")
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("caches",))
-def _generate(
-    models, params, tokens, lengths, caches, rule, key, budgets, selector,
-    max_new, eos_id, gamma, backend,
-):  # fmt: skip
-    state = _prefill(models, params, tokens, lengths, caches, rule, key, budgets, max_new, eos_id)
-    step = functools.partial(spec_step, models, params, rule, selector, eos_id, gamma, backend)
+@functools.partial(jax.jit, static_argnames=("decoder", "max_new"), donate_argnames=("caches",))
+def _generate(decoder, params, tokens, lengths, caches, rule, key, budgets, max_new, selector):
+    """The prefill and every step in one program: `lax.while_loop` until all are done."""
+    state = prefill(decoder, params, tokens, lengths, caches, rule, key, budgets, max_new)
+    step = functools.partial(spec_step, decoder, params, rule, selector)
     return run_to_completion(step, state, max_steps=max_new)
 
 
-_jit_prefill = jax.jit(
-    _prefill, static_argnames=("models", "max_new", "eos_id"), donate_argnames=("caches",)
-)
-_jit_step = jax.jit(
-    spec_step, static_argnames=("models", "eos_id", "gamma", "backend"), donate_argnames=("state",)
-)
+_jit_prefill = jax.jit(prefill, static_argnames=("decoder", "max_new"), donate_argnames=("caches",))
+_jit_step = jax.jit(spec_step, static_argnames=("decoder",), donate_argnames=("state",))
 
 
 def check_compatible(draft: Llama, verifier: Llama, draft_tokenizer=None, verifier_tokenizer=None):
@@ -414,48 +469,90 @@ def check_compatible(draft: Llama, verifier: Llama, draft_tokenizer=None, verifi
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """One `generate` call, set up: the jitted functions' arguments and the stats context."""
+
+    decoder: Decoder
+    params: Pair
+    tokens: jax.Array  # i32[B, T]
+    lengths: jax.Array  # i32[B]
+    caches: Pair
+    rule: AcceptanceRule
+    key: jax.Array
+    budgets: jax.Array  # i32[B]
+    selector: Selector | None
+    max_new: int
+    stats_context: dict
+
+    @property
+    def prefill_args(self) -> tuple:
+        """`prefill`'s arguments, in order."""
+        return (
+            self.decoder, self.params, self.tokens, self.lengths, self.caches, self.rule,
+            self.key, self.budgets, self.max_new,
+        )  # fmt: skip
+
+
 def _setup(
     draft, verifier, prompts, config, max_new_tokens, cache_size, key, eos_id, sampler, mesh
-):  # fmt: skip
-    check_compatible(draft, verifier)
+) -> _Run:  # fmt: skip
+    """Checks the inputs, builds the selector, places models and caches (on `mesh`)."""
     tokens, lengths = pad_prompts(prompts)
+    gamma = config.gamma if draft is not None else 0
+    lookahead = gamma + 1 if draft is not None else 0
+    if draft is not None:
+        check_compatible(draft, verifier)
     if cache_size is None:
-        needed = tokens.shape[1] + max_new_tokens + config.gamma + 1
+        needed = tokens.shape[1] + max_new_tokens + lookahead
         cache_size = -(-needed // 64) * 64  # a multiple of every granularity
-    check_fits_cache(lengths, max_new_tokens, cache_size, lookahead=config.gamma + 1)
-    if config.sparse:
-        check_granularity(config.granularity, cache_size)
-    selector, layer_map_origin = config.build_selector(draft, verifier, prompts)
+    check_fits_cache(lengths, max_new_tokens, cache_size, lookahead=lookahead)
+    selector, layer_map_origin = None, "dense"
+    if draft is not None:
+        if config.sparse:
+            check_granularity(config.granularity, cache_size)
+        selector, layer_map_origin = config.build_selector(draft, verifier, prompts)
     batch = len(prompts)
     if mesh is not None:
         draft, verifier = sharding.shard_pair(draft, verifier, mesh, batch)
-    draft_graphdef, draft_params = nnx.split(draft)
     verifier_graphdef, verifier_params = nnx.split(verifier)
-    args = (
-        (draft_params, verifier_params),
-        sharding.put_batch(mesh, tokens),
-        sharding.put_batch(mesh, lengths),
-        (
-            sharding.init_cache(draft, batch, cache_size, mesh),
-            sharding.init_cache(verifier, batch, cache_size, mesh),
-        ),
-        acceptance_for(sampler or Greedy()),
-        jax.random.key(0) if key is None else key,
-        jnp.full((batch,), max_new_tokens, jnp.int32),
-        selector,
+    draft_graphdef, draft_params = nnx.split(draft) if draft is not None else (None, None)
+    caches = Pair(
+        None if draft is None else sharding.init_cache(draft, batch, cache_size, mesh, False),
+        sharding.init_cache(verifier, batch, cache_size, mesh),
     )
-    eos_id = verifier.config.eos_token_id if eos_id == "config" else eos_id
     num_layers = verifier.config.num_hidden_layers
     # The selector's own dense layers (a baseline brings its own), not the config's.
     sparse_layers = sparse_layer_flags(
         num_layers, selector.dense_layers if selector is not None else num_layers
     )
-    context = {
-        "layer_map": layer_map_origin,
-        "sparse_layers": sparse_layers,
-        "entry_bytes": (kv_entry_bytes(draft), kv_entry_bytes(verifier)),
-    }
-    return _Models(draft_graphdef, verifier_graphdef), args, eos_id, context
+    return _Run(
+        decoder=Decoder(
+            draft=draft_graphdef,
+            verifier=verifier_graphdef,
+            gamma=gamma,
+            eos_id=verifier.config.eos_token_id if eos_id == "config" else eos_id,
+            backend=config.backend,
+            verifier_attend=sharding.attention_for(mesh),
+        ),
+        params=Pair(draft_params, verifier_params),
+        tokens=sharding.put_batch(mesh, tokens),
+        lengths=sharding.put_batch(mesh, lengths),
+        caches=caches,
+        rule=acceptance_for(sampler or Greedy()),
+        key=jax.random.key(0) if key is None else key,
+        budgets=jnp.full((batch,), max_new_tokens, jnp.int32),
+        selector=selector,
+        max_new=max_new_tokens,
+        stats_context={
+            "layer_map": layer_map_origin,
+            "sparse_layers": sparse_layers,
+            "entry_bytes": (
+                0 if draft is None else kv_entry_bytes(draft),
+                kv_entry_bytes(verifier),
+            ),
+        },
+    )
 
 
 def generate(
@@ -474,44 +571,35 @@ def generate(
     """Speculative decoding of a batch of prompts, entirely on device.
 
     Prefills both models, then runs `spec_step` in a `lax.while_loop` until every sequence
-    produced EOS or `max_new_tokens`. With `draft=None` it decodes autoregressively with the
-    verifier alone (the same interface, for baselines).
+    produced EOS or `max_new_tokens`. With `draft=None` the same loop decodes
+    autoregressively: each step is one verifier forward on the pending token.
 
     Args:
       draft: the draft model (sharing the verifier's vocabulary), or None.
       verifier: the target model.
       prompts: B token-id lists, ragged lengths allowed.
-      config: `SpecConfig` (gamma).
+      config: `SpecConfig` (gamma, SpecAttn's settings); ignored without a draft but for
+        `backend`.
       max_new_tokens: budget per sequence.
       key: PRNG key (sampling only); default `jax.random.key(0)`.
       sampler: `Greedy()` (default) or `Sampling(temperature=, top_k=, top_p=)`.
       eos_id: stop token; "config" takes the verifier config's, None never stops early.
-      cache_size: KV positions per sequence (default: padded prompt + budget + gamma + 1).
+      cache_size: KV positions per sequence (default: padded prompt + budget + gamma + 1,
+        rounded up to a multiple of 64).
       mesh: a ("data", "model") `Mesh` (`sharding.make_mesh`): the verifier runs
         tensor-parallel over "model" with its KV cache split by KV head, the draft
         replicated, the batch split over "data". None runs on the default device.
 
     Returns:
-      `GenerationResult`: tokens per prompt, and stats (steps, tokens, drafted, accepted,
-      acceptance_rate, tokens_per_step).
+      `GenerationResult`: tokens per prompt, and stats (`spec_stats`: steps, tokens, drafted,
+      accepted, acceptance_rate, tokens_per_step, the KV reduction and the KV bill).
     """
-    if draft is None:
-        return autoregressive.generate_autoregressive(
-            verifier,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            sampler=sampler,
-            key=key,
-            eos_id=eos_id,
-            cache_size=cache_size,
-            mesh=mesh,
-        )
-    config = config or SpecConfig()
-    models, args, eos_id, context = _setup(
-        draft, verifier, prompts, config, max_new_tokens, cache_size, key, eos_id, sampler, mesh
-    )
-    state = _generate(models, *args, max_new_tokens, eos_id, config.gamma, config.backend)
-    return GenerationResult.from_progress(state.progress, spec_stats(state, **context))
+    run = _setup(
+        draft, verifier, prompts, config or SpecConfig(), max_new_tokens, cache_size, key,
+        eos_id, sampler, mesh,
+    )  # fmt: skip
+    state = _generate(*run.prefill_args, run.selector)
+    return GenerationResult.from_progress(state.progress, spec_stats(state, **run.stats_context))
 
 
 def generate_stream(
@@ -529,29 +617,14 @@ def generate_stream(
 ) -> Iterator[tuple[list[list[int]], dict]]:
     """Like `generate`, driven from the host: yields (tokens accepted per sequence, running
     stats) after the prefill and after every step, for streaming output."""
-    if draft is None:
-        yield from autoregressive.stream_autoregressive(
-            verifier,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            sampler=sampler,
-            key=key,
-            eos_id=eos_id,
-            cache_size=cache_size,
-            mesh=mesh,
-        )
-        return
-    config = config or SpecConfig()
-    models, args, eos_id, context = _setup(
-        draft, verifier, prompts, config, max_new_tokens, cache_size, key, eos_id, sampler, mesh
-    )
-    params, *prefill_args, selector = args
-    state = _jit_prefill(models, params, *prefill_args, max_new_tokens, eos_id)
-    step = functools.partial(
-        _jit_step, models, params, args[4], selector, eos_id, config.gamma, config.backend
-    )
+    run = _setup(
+        draft, verifier, prompts, config or SpecConfig(), max_new_tokens, cache_size, key,
+        eos_id, sampler, mesh,
+    )  # fmt: skip
+    state = _jit_prefill(*run.prefill_args)
+    step = functools.partial(_jit_step, run.decoder, run.params, run.rule, run.selector)
     for new_tokens, stepped in stream(step, state, max_steps=max_new_tokens):
-        yield new_tokens, spec_stats(stepped, **context)
+        yield new_tokens, spec_stats(stepped, **run.stats_context)
 
 
 def kv_reduction(

@@ -9,9 +9,9 @@ Gutenberg train books.
   clipping, linear warmup then cosine decay to `min_lr_ratio * peak_lr`.
 - Precision: fp32 master weights and optimiser state; the forward and backward run on a
   bf16 copy (`compute_dtype`), logits and the loss are fp32.
-- Attention: `jax.nn.dot_product_attention` with cuDNN's fused kernel on GPU (XLA's elsewhere
-  or if cuDNN refuses), the same function as the model's cached forward (a test holds them
-  equal).
+- Forward: the model's own forward without a cache (`model(tokens)`), whose attention is
+  `jax.nn.dot_product_attention` with cuDNN's fused kernel on GPU (XLA's elsewhere or if
+  cuDNN refuses); a test holds it equal to the cached forward.
 - Determinism: initialisation and data order come from `seed` alone; with `time_budget_s`
   unset the run is fixed by the config. A budget measures the step time during warmup and
   fixes `steps` from it (the number is logged, so the run can be repeated with it).
@@ -47,7 +47,7 @@ from specattn_jax.convert.hf import load_hf_model, save_hf_model
 from specattn_jax.convert.orbax_io import save_orbax
 from specattn_jax.data import default_data_dir, split_books
 from specattn_jax.errors import SpecAttnError
-from specattn_jax.model import Llama, apply_rope, count_params, rope_inverse_frequencies
+from specattn_jax.model import Llama, count_params
 
 ASSETS = Path(__file__).parent / "assets"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -237,35 +237,11 @@ def causal_lm_logits(
     *,
     attention: str = "xla",
 ) -> jax.Array:
-    """f32[B, T, V] logits of a full causal forward without a KV cache (training, scoring).
-
-    The model's own layers and weights; attention through `jax.nn.dot_product_attention`
-    (`attention` = "xla" or "cudnn"), so it equals `model(tokens, cache)` up to rounding.
-    """
-    config = model.config
-    batch, seq = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    inv_freq = rope_inverse_frequencies(config)
-    x = jnp.take(model.embed_tokens[...], tokens, axis=0)  # [B, T, E]
-    for layer in model.layers:
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q = jnp.einsum("bte,ehd->bthd", h, attn.q_proj[...])  # [B, T, H, D]
-        k = jnp.einsum("bte,ehd->bthd", h, attn.k_proj[...])  # [B, T, H_kv, D]
-        v = jnp.einsum("bte,ehd->bthd", h, attn.v_proj[...])  # [B, T, H_kv, D]
-        if attn.use_bias:
-            q, k, v = q + attn.q_bias[...], k + attn.k_bias[...], v + attn.v_bias[...]
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention)
-        out = jnp.einsum("bthd,hde->bte", out, attn.o_proj[...])
-        if attn.use_bias:
-            out = out + attn.o_bias[...]
-        x = x + out
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    x = model.norm(x)
-    head = model.embed_tokens[...].T if config.tie_word_embeddings else model.lm_head[...]
-    return jnp.einsum("bte,ev->btv", x, head, preferred_element_type=jnp.float32)
+    """f32[B, T, V] logits of a full causal forward without a KV cache (training, scoring):
+    the inference forward itself, `model(tokens)`, whose attention is then
+    `jax.nn.dot_product_attention` (`attention` = "xla" or "cudnn")."""
+    logits, _, _ = model(tokens, implementation=attention)
+    return logits
 
 
 def init_model(config: LlamaConfig, seed: int) -> Llama:

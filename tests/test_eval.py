@@ -71,10 +71,9 @@ def _layer_selections(factory, selector, step_inputs):
         if plan.query_selector is None:
             selections[layer] = plan.block_indices[layer], plan.block_counts[layer]
         else:
-            k_cache = _cache_after_write(factory.verifier, cache, new_tokens).k[layer]
-            selections[layer] = plan.layer_selection(
-                layer, info.queries[layer], k_cache, inputs.context_lengths
-            )
+            layer_cache = _cache_after_write(factory.verifier, cache, new_tokens).layer(layer)
+            read = plan.read(layer, info.queries[layer], layer_cache, inputs.context_lengths)
+            selections[layer] = read.block_indices, read.block_counts
     return plan, selections, info
 
 

@@ -183,10 +183,9 @@ def _verify_mismatches(draft, verifier, selector, state, config, kernel) -> list
     reference logits' margin between the two."""
     drafts, cache, plan = draft_and_plan(
         draft,
-        verifier.config.num_hidden_layers,
+        verifier.config,
         selector,
-        state.draft_cache,
-        state.verifier_cache,
+        state.caches,
         state.last_two,
         state.seq_lengths,
         GreedyAcceptance(),

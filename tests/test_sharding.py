@@ -5,14 +5,17 @@ parameters land sharded as they load, and bad meshes are clear errors."""
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from specattn_jax import sharding
+from specattn_jax.attention import attend
 from specattn_jax.autoregressive import generate_autoregressive
 from specattn_jax.errors import SpecAttnError
 from specattn_jax.layer_map import calibrate
-from specattn_jax.loading import load_pretrained
+from specattn_jax.loading import load_pretrained, load_sharded
 from specattn_jax.speculative import SpecConfig, _generate, _setup, generate
 from specattn_jax.testing import perturbed_copy, tiny_llama
 
@@ -108,10 +111,8 @@ def test_compiled_generation_has_exactly_the_designed_collectives(pair, decoder)
     mesh = sharding.make_mesh("data=2,model=2")
     config = _configs(layer_map)[decoder]
     cache_size = 128
-    models, args, eos_id, _ = _setup(
-        draft, verifier, prompts, config, 24, cache_size, None, "config", None, mesh
-    )
-    compiled = _generate.lower(models, *args, 24, eos_id, config.gamma, config.backend).compile()
+    run = _setup(draft, verifier, prompts, config, 24, cache_size, None, "config", None, mesh)
+    compiled = _generate.lower(*run.prefill_args, run.selector).compile()
     collectives = _collectives(compiled.as_text())
     layers = verifier.config.num_hidden_layers
     local_batch, model_size = len(prompts) // 2, 2
@@ -134,8 +135,8 @@ def test_compiled_generation_has_exactly_the_designed_collectives(pair, decoder)
         assert cache_size not in dims and verifier.config.head_dim not in dims
     others = [c for c in collectives if c[0] not in ("all-reduce", "all-gather")]
     assert not others, others
-    verifier_cache = args[3][1]
-    assert verifier_cache.k[0].sharding.spec == sharding.TENSOR_PARALLEL.spec(sharding.CACHE_AXES)
+    cache_spec = sharding.TENSOR_PARALLEL.spec(sharding.CACHE_AXES)
+    assert run.caches.verifier.k[0].sharding.spec == cache_spec
 
 
 def test_parameters_are_placed_sharded_as_they_load(tmp_path):
@@ -144,7 +145,7 @@ def test_parameters_are_placed_sharded_as_they_load(tmp_path):
     model = tiny_llama(num_kv_heads=2)
     save_hf_model(model, tmp_path)
     mesh = sharding.make_mesh("model=2")
-    placed, _ = sharding.load_sharded(tmp_path, mesh)
+    placed, _ = load_sharded(tmp_path, mesh)
     q_proj = placed.layers[0].self_attn.q_proj[...]
     assert q_proj.sharding.spec == jax.sharding.PartitionSpec(None, "model", None)
     assert {s.data.shape for s in q_proj.addressable_shards} == {(32, 2, 8)}
@@ -187,7 +188,22 @@ def test_malformed_mesh_specs_are_errors(spec, message):
         sharding.parse_mesh(spec)
 
 
-def test_unsharded_model_has_no_attention_mesh():
-    model = tiny_llama()
-    assert sharding.attention_mesh(model) is None
-    assert sharding.attention_mesh(sharding.shard_model(model, sharding.make_mesh("model=2")))
+def test_sharding_wraps_the_model_from_outside():
+    """`shard_model` places parameters and changes no module; head-parallel attention is the
+    `attend` a forward is given, and it equals the unsharded forward."""
+    model = tiny_llama(num_kv_heads=2)
+    mesh = sharding.make_mesh("model=2")
+    before = nnx.graphdef(model)
+    placed = sharding.shard_model(model, mesh)
+    assert nnx.graphdef(placed) == before == nnx.graphdef(model)
+    assert sharding.attention_for(None) is attend
+    assert sharding.attention_for(sharding.make_mesh("data=2")) is attend
+    head_parallel = sharding.attention_for(mesh)
+    assert head_parallel == sharding.HeadParallel(mesh)  # hashable: a static jit argument
+    tokens = jnp.array([[1, 5, 9, 2, 7]], jnp.int32)
+    expected, _, _ = model(tokens, model.init_cache(1, 8), return_attention=True)
+    got, _, info = placed(
+        tokens, model.init_cache(1, 8), return_attention=True, attend=head_parallel
+    )
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    assert info.attention.shape == (model.config.num_hidden_layers, 1, 5, 8)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import specattn_jax.model as model_module
+import specattn_jax.attention as attention_module
 from specattn_jax import sharding
 from specattn_jax.attention import AttentionPlan, dense_attention
 from specattn_jax.cache import KVCache
@@ -232,15 +232,14 @@ class GenerateSparsityCases:
         assert sparse.tokens != dense.tokens  # not vacuous: the selection changes the output
         assert sparse.stats["kv_reduction"] > 0.1
 
-        original = model_module.sparse_attention
+        original = attention_module.sparse_attention
         try:
             jax.clear_caches()  # no compiled generate from before the patch may be reused
-            monkeypatch.setattr(
-                model_module, "sparse_attention", _poisoned_sparse_attention(self.GARBAGE, original)
-            )
+            poison = _poisoned_sparse_attention(self.GARBAGE, original)
+            monkeypatch.setattr(attention_module, "sparse_attention", poison)
             poisoned = run(config)
             monkeypatch.setattr(
-                model_module,
+                attention_module,
                 "sparse_attention",
                 _poisoned_sparse_attention(self.GARBAGE, _dense_instead),
             )

@@ -8,10 +8,12 @@ Sparsity's channels) come from calibration token sequences, never from the evalu
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from specattn_jax.errors import SpecAttnError
 from specattn_jax.layer_map import LayerMap, calibrate
@@ -22,8 +24,34 @@ from specattn_jax.selection.baselines import (
     OracleTopP,
     Quest,
     StreamingLLM,
-    calibrate_double_sparsity,
 )
+
+
+def calibrate_double_sparsity(
+    verifier: Llama, sequences: Iterable[np.ndarray], num_channels: int | None = None
+) -> jax.Array:
+    """i32[L, H_kv, r]: per layer and KV head, the r channels with the largest mean |q_c k_c|
+    over the calibration tokens (and the query heads of the group). r defaults to D / 16."""
+    sequences = [np.asarray(s, np.int32) for s in sequences]
+    if not sequences:
+        raise SpecAttnError("Double Sparsity needs calibration sequences to pick its channels")
+    config = verifier.config
+    num_channels = num_channels or max(config.head_dim // 16, 1)
+    graphdef, state = nnx.split(verifier)
+
+    @jax.jit
+    def channel_importance(state, tokens):  # i32[1, T] -> f32[L, H_kv, D]
+        model = nnx.merge(graphdef, state)
+        _, cache, info = model(tokens, model.init_cache(1, tokens.shape[1]), return_queries=True)
+        queries = info.queries[:, 0]  # [L, T, H, D]
+        layers, num_tokens, num_heads, head_dim = queries.shape
+        grouped = queries.reshape(layers, num_tokens, config.num_key_value_heads, -1, head_dim)
+        keys = jnp.stack([k[0, :num_tokens] for k in cache.k])  # [L, T, H_kv, D]
+        return jnp.abs(grouped * keys[:, :, :, None]).astype(jnp.float32).mean(axis=(1, 3))
+
+    total = sum(np.asarray(channel_importance(state, s[None])) for s in sequences)
+    return jnp.asarray(np.argsort(-total, axis=-1, kind="stable")[..., :num_channels], jnp.int32)
+
 
 METHODS = (
     "dense",

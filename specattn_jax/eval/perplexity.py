@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from specattn_jax import sharding
 from specattn_jax.acceptance import GreedyAcceptance
 from specattn_jax.errors import SpecAttnError
 from specattn_jax.model import Llama
@@ -37,7 +39,7 @@ from specattn_jax.selection import (
     check_granularity,
     sparse_layer_flags,
 )
-from specattn_jax.speculative import draft_and_plan, kv_reduction
+from specattn_jax.speculative import Pair, draft_and_plan, kv_reduction
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -97,15 +99,17 @@ def make_windows(
     return windows[:num_windows] if num_windows else windows
 
 
-@functools.partial(jax.jit, static_argnames=("graphdefs", "protocol", "backend"))
-def _score_windows(graphdefs, params, windows, selector, protocol, backend):
+@functools.partial(jax.jit, static_argnames=("graphdefs", "protocol", "backend", "verifier_attend"))
+def _score_windows(graphdefs, params, windows, selector, protocol, backend, verifier_attend):
     """(f32[B, scored] NLL, f32[steps, L] KV read, f32[steps] KV dense) of windows i32[B, W]."""
-    draft = nnx.merge(graphdefs[0], params[0])
-    verifier = nnx.merge(graphdefs[1], params[1])
+    draft = nnx.merge(graphdefs.draft, params.draft)
+    verifier = nnx.merge(graphdefs.verifier, params.verifier)
     batch, size = windows.shape
     gamma, prefix = protocol.gamma, protocol.prefix
     rule = GreedyAcceptance()
-    _, verifier_cache, _ = verifier(windows[:, : prefix - 1], verifier.init_cache(batch, size))
+    _, verifier_cache, _ = verifier(
+        windows[:, : prefix - 1], verifier.init_cache(batch, size), attend=verifier_attend
+    )
     _, draft_cache, _ = draft(windows[:, : prefix - 2], draft.init_cache(batch, size))
     rows = jnp.ones((batch,), jnp.int32)
 
@@ -114,13 +118,13 @@ def _score_windows(graphdefs, params, windows, selector, protocol, backend):
         ell = prefix + index * (gamma + 1)  # ground-truth tokens known; the last is pending
         last_two = jax.lax.dynamic_slice_in_dim(windows, ell - 2, 2, axis=1)
         drafts, verifier_cache, plan = draft_and_plan(
-            draft, verifier.config.num_hidden_layers, selector, draft_cache, verifier_cache,
-            last_two, rows * ell, rule, jax.random.key(0), gamma,
+            draft, verifier.config, selector, Pair(draft_cache, verifier_cache), last_two,
+            rows * ell, rule, jax.random.key(0), gamma,
         )  # fmt: skip
         draft_cache = drafts.cache
         tokens = jax.lax.dynamic_slice_in_dim(windows, ell - 1, gamma + 2, axis=1)
         logits, verifier_cache, info = verifier(
-            tokens[:, :-1], verifier_cache, plan=plan, backend=backend
+            tokens[:, :-1], verifier_cache, plan=plan, backend=backend, attend=verifier_attend
         )
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
@@ -145,9 +149,13 @@ def decode_time_perplexity(
     selector: Selector | None = None,
     *,
     backend: str = "auto",
+    mesh: Mesh | None = None,
     progress: bool = False,
 ) -> dict:
     """Perplexity and measured KV reduction of `selector` (None: dense) on i32[N, W] windows.
+
+    With a `mesh`, the verifier runs tensor-parallel over "model" (its attention per device
+    on its own KV heads), the draft replicated, the windows of a batch split over "data".
 
     Returns a dict: perplexity, nll (mean), tokens (scored), windows, kv_reduction,
     kv_reduction_per_layer.
@@ -161,9 +169,13 @@ def decode_time_perplexity(
         raise SpecAttnError("draft and verifier vocabularies differ")
     if selector is not None:
         check_granularity(selector.granularity, protocol.window)
-    graphdefs, params = zip(nnx.split(draft), nnx.split(verifier), strict=True)
-    graphdefs = tuple(graphdefs)
     batch_size = protocol.batch_size
+    if mesh is not None:
+        draft, verifier = sharding.shard_pair(draft, verifier, mesh, batch_size)
+    draft_graphdef, draft_params = nnx.split(draft)
+    verifier_graphdef, verifier_params = nnx.split(verifier)
+    graphdefs = Pair(draft_graphdef, verifier_graphdef)
+    params = Pair(draft_params, verifier_params)
     num_layers = verifier.config.num_hidden_layers
     nll_sum, count = 0.0, 0
     read_total = np.zeros(num_layers)
@@ -175,8 +187,9 @@ def decode_time_perplexity(
             batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), 0)])
         real = min(batch_size, len(windows) - start)
         nll, kv_read, kv_dense = _score_windows(
-            graphdefs, tuple(params), jnp.asarray(batch), selector, protocol, backend
-        )
+            graphdefs, params, jnp.asarray(batch), selector, protocol, backend,
+            sharding.attention_for(mesh),
+        )  # fmt: skip
         nll = np.asarray(nll, np.float64)[:real]
         nll_sum += float(nll.sum())
         count += nll.size

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from jax.sharding import Mesh
 
 from specattn_jax.eval.methods import MethodFactory
 from specattn_jax.eval.perplexity import PerplexityProtocol, decode_time_perplexity
@@ -19,10 +20,12 @@ def compare_methods(
     settings: Sequence[tuple[str, float | None]],
     *,
     backend: str = "auto",
+    mesh: Mesh | None = None,
     progress: bool = False,
 ) -> list[dict]:
     """Runs dense first, then each (method, value); every row carries the perplexity
-    increase over dense (absolute and relative) and the measured KV reduction."""
+    increase over dense (absolute and relative) and the measured KV reduction. `mesh` as
+    `decode_time_perplexity`'s."""
     rows = []
     dense = None
     for method, value in [("dense", None), *[s for s in settings if s[0] != "dense"]]:
@@ -33,6 +36,7 @@ def compare_methods(
             protocol,
             factory.selector(method, value),
             backend=backend,
+            mesh=mesh,
             progress=progress,
         )
         dense = dense or result

@@ -18,18 +18,13 @@ fractions of the context (`budget` in (0, 1]) and are met exactly.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 import pallas_kernels
-from pallas_kernels._common import DEFAULT_MASK_VALUE
+from pallas_kernels import DEFAULT_MASK_VALUE
 from specattn_jax.attention import AttentionPlan
-from specattn_jax.errors import SpecAttnError
-from specattn_jax.model import Llama
 from specattn_jax.selection.base import SelectionInputs, sparse_layer_flags
 from specattn_jax.selection.blocks import compact_blocks, positions_to_block_mask
 
@@ -117,7 +112,9 @@ class StreamingLLM:
 
 
 class _QuerySelector:
-    """Selectors that decide inside each layer, from that layer's queries."""
+    """Selectors that decide inside each layer, from that layer's queries: the plan carries
+    the selector itself as its `QuerySelector` (a pytree, called as
+    `selector(layer, q, k_cache, context_lengths)`)."""
 
     needs_draft_attention = False
 
@@ -141,7 +138,7 @@ class Quest(_QuerySelector):
     dense_layers: int = dataclasses.field(default=2, metadata=dict(static=True))
     granularity: int = dataclasses.field(default=QUEST_PAGE, metadata=dict(static=True))
 
-    def select(self, layer, q, k_cache, context_lengths):
+    def __call__(self, layer, q, k_cache, context_lengths):
         del layer
         batch, size, num_kv_heads, head_dim = k_cache.shape
         pages = size // self.granularity
@@ -172,7 +169,8 @@ class DoubleSparsity(_QuerySelector):
 
     Attributes:
       budget: f32[] fraction of the context read.
-      channels: i32[L, H_kv, r] the calibrated channels (see `calibrate_double_sparsity`).
+      channels: i32[L, H_kv, r] the calibrated channels
+        (`eval.methods.calibrate_double_sparsity`).
     """
 
     budget: jax.Array
@@ -180,7 +178,7 @@ class DoubleSparsity(_QuerySelector):
     dense_layers: int = dataclasses.field(default=2, metadata=dict(static=True))
     granularity: int = dataclasses.field(default=1, metadata=dict(static=True))
 
-    def select(self, layer, q, k_cache, context_lengths):
+    def __call__(self, layer, q, k_cache, context_lengths):
         channels = self.channels[layer]  # [H_kv, r]
         batch, size, num_kv_heads, head_dim = k_cache.shape
         label_cache = jnp.take_along_axis(
@@ -205,7 +203,7 @@ class OracleTopP(_QuerySelector):
     granularity: int = dataclasses.field(default=1, metadata=dict(static=True))
     backend: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
-    def select(self, layer, q, k_cache, context_lengths):
+    def __call__(self, layer, q, k_cache, context_lengths):
         del layer
         batch, size, num_kv_heads, head_dim = k_cache.shape
         queries = _grouped_queries(q, num_kv_heads)
@@ -221,29 +219,3 @@ class OracleTopP(_QuerySelector):
             backend=self.backend,
         )
         return indices, counts
-
-
-def calibrate_double_sparsity(
-    verifier: Llama, sequences: Iterable[np.ndarray], num_channels: int | None = None
-) -> jax.Array:
-    """i32[L, H_kv, r]: per layer and KV head, the r channels with the largest mean |q_c k_c|
-    over the calibration tokens (and the query heads of the group). r defaults to D / 16."""
-    sequences = [np.asarray(s, np.int32) for s in sequences]
-    if not sequences:
-        raise SpecAttnError("Double Sparsity needs calibration sequences to pick its channels")
-    config = verifier.config
-    num_channels = num_channels or max(config.head_dim // 16, 1)
-    graphdef, state = nnx.split(verifier)
-
-    @jax.jit
-    def channel_importance(state, tokens):  # i32[1, T] -> f32[L, H_kv, D]
-        model = nnx.merge(graphdef, state)
-        _, cache, info = model(tokens, model.init_cache(1, tokens.shape[1]), return_queries=True)
-        queries = info.queries[:, 0]  # [L, T, H, D]
-        layers, num_tokens, num_heads, head_dim = queries.shape
-        grouped = queries.reshape(layers, num_tokens, config.num_key_value_heads, -1, head_dim)
-        keys = jnp.stack([k[0, :num_tokens] for k in cache.k])  # [L, T, H_kv, D]
-        return jnp.abs(grouped * keys[:, :, :, None]).astype(jnp.float32).mean(axis=(1, 3))
-
-    total = sum(np.asarray(channel_importance(state, s[None])) for s in sequences)
-    return jnp.asarray(np.argsort(-total, axis=-1, kind="stable")[..., :num_channels], jnp.int32)
