@@ -28,7 +28,7 @@ SPECATTN_REPORT_DIR=$OUT timeout "$TESTS_S" python3 -m pytest -q -s -m gpu tests
 if [[ $BENCHMARKS == *generate* ]]; then
   echo "== bench_generate"
   timeout "$GENERATE_S" python3 benchmarks/bench_generate.py --out "$OUT/bench_generate.json" \
-    --contexts "${CONTEXTS:-32768,16384,4096}" 2>&1 | tee "$OUT/bench_generate.log" | tail -n 25
+    --contexts "${CONTEXTS:-32768,16384,4096}" ${GENERATE_ARGS:-} 2>&1 | tee "$OUT/bench_generate.log" | tail -n 25
 fi
 
 if [[ $BENCHMARKS == *kernels* ]]; then

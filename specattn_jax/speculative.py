@@ -178,11 +178,11 @@ class SpecState:
       drafted: i32[B] draft tokens proposed while the sequence was active.
       accepted: i32[B] draft tokens kept.
       active_steps: i32[B] steps taken while the sequence was active.
-      kv_read: f32[N_steps, L_v] cache positions each verifier layer's attention read per
-        step, summed over the active sequences.
-      kv_dense: f32[N_steps] positions a dense layer would have read, likewise.
-      draft_kv_read: f32[N_steps] positions the draft's attention read per step, summed over
-        its layers, its forwards and the active sequences.
+      kv_log: f32[N_steps, L_v + 2] per step, summed over the active sequences: the cache
+        positions each verifier layer's attention read (`kv_read`), the positions a dense
+        layer would have read (`kv_dense`), and the positions the draft's attention read over
+        its layers and forwards (`draft_kv_read`). One buffer, so a step logs with one
+        update.
     """
 
     progress: DecodeProgress
@@ -194,9 +194,19 @@ class SpecState:
     drafted: jax.Array  # i32[B]
     accepted: jax.Array  # i32[B]
     active_steps: jax.Array  # i32[B]
-    kv_read: jax.Array  # f32[N_steps, L_v]
-    kv_dense: jax.Array  # f32[N_steps]
-    draft_kv_read: jax.Array  # f32[N_steps]
+    kv_log: jax.Array  # f32[N_steps, L_v + 2]
+
+    @property
+    def kv_read(self) -> jax.Array:  # f32[N_steps, L_v]
+        return self.kv_log[:, :-2]
+
+    @property
+    def kv_dense(self) -> jax.Array:  # f32[N_steps]
+        return self.kv_log[:, -2]
+
+    @property
+    def draft_kv_read(self) -> jax.Array:  # f32[N_steps]
+        return self.kv_log[:, -1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,12 +380,8 @@ def spec_step(
         seq_lengths = state.seq_lengths + taken
         history = jnp.concatenate([state.last_two, new_tokens], axis=1)
         last_two = jnp.take_along_axis(history, taken[:, None] + jnp.arange(2)[None, :], axis=1)
-    active_rows = active.astype(jnp.float32)
-
-    def per_step(log: jax.Array, reads: jax.Array) -> jax.Array:
-        """`log` with this step's reads, summed over the active rows, at row `step`."""
-        return log.at[state.step].set(reads.astype(jnp.float32) @ active_rows, mode="drop")
-
+    reads = jnp.concatenate([info.kv_read, info.kv_dense[None], drafts.kv_read[None]])
+    step_reads = jnp.sum(reads.astype(jnp.float32) * active.astype(jnp.float32), axis=1)
     draft_cache = None if drafts.cache is None else drafts.cache.with_lengths(seq_lengths - 2)
     return SpecState(
         progress=progress,
@@ -387,9 +393,7 @@ def spec_step(
         drafted=state.drafted + jnp.where(active, gamma, 0),
         accepted=state.accepted + jnp.where(active, num_accepted, 0),
         active_steps=state.active_steps + active.astype(jnp.int32),
-        kv_read=per_step(state.kv_read, info.kv_read),
-        kv_dense=per_step(state.kv_dense, info.kv_dense),
-        draft_kv_read=per_step(state.draft_kv_read, drafts.kv_read),
+        kv_log=state.kv_log.at[state.step].set(step_reads, mode="drop"),
     )
 
 
@@ -436,9 +440,7 @@ def prefill(
         drafted=zeros,
         accepted=zeros,
         active_steps=zeros,
-        kv_read=jnp.zeros((max_new, num_layers), jnp.float32),
-        kv_dense=jnp.zeros((max_new,), jnp.float32),
-        draft_kv_read=jnp.zeros((max_new,), jnp.float32),
+        kv_log=jnp.zeros((max_new, num_layers + 2), jnp.float32),
     )
 
 

@@ -12,7 +12,6 @@ margins are printed (`pytest -s`) and collected in `EXACTNESS_REPORT`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 
@@ -149,19 +148,18 @@ class GpuExactnessTest(KernelTestBase):
         margin between the two choices at the first differing position is checked."""
         draft, verifier, prompts, layer_map = pair
         config = SpecConfig(gamma=4, attn_p=0.7, granularity=16, layer_map=layer_map)
-        models, args, _, _ = _setup(
-            draft, verifier, prompts, config, MAX_NEW, None, None, None, None, None
-        )
-        params, tokens, lengths, caches, rule, key, budgets, selector = args
-        state = _jit_prefill(
-            models, params, tokens, lengths, caches, rule, key, budgets, MAX_NEW, None
-        )
-        copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
+        run = _setup(draft, verifier, prompts, config, MAX_NEW, None, None, None, None, None)
+        state = _jit_prefill(*run.prefill_args)
+        selector = run.selector
+
+        def step(backend, state):
+            decoder = dataclasses.replace(run.decoder, backend=backend)
+            return _jit_step(decoder, run.params, run.rule, selector, jax.tree.map(jnp.copy, state))
+
         mismatches, steps = [], 0
         while not bool(np.all(np.asarray(state.progress.done))):
-            step = functools.partial(_jit_step, models, params, rule, selector, None, 4)
-            kernel = step(self.KERNEL, copy(state))
-            reference = step("reference", copy(state))
+            kernel = step(self.KERNEL, state)
+            reference = step("reference", state)
             got, want = np.asarray(kernel.progress.output), np.asarray(reference.progress.output)
             if not np.array_equal(got, want):
                 found = _verify_mismatches(draft, verifier, selector, state, config, self.KERNEL)
