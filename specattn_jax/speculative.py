@@ -175,14 +175,14 @@ class SpecState:
       last_two: i32[B, 2] the tokens at positions seq_len - 2 and seq_len - 1.
       key: PRNG key; the prefill uses `fold_in(key, 0)`, step `i` `fold_in(key, i + 1)`.
       step: i32[] steps taken.
-      drafted: i32[B] draft tokens proposed while the sequence was active.
       accepted: i32[B] draft tokens kept.
       active_steps: i32[B] steps taken while the sequence was active.
-      kv_log: f32[N_steps, L_v + 2] per step, summed over the active sequences: the cache
-        positions each verifier layer's attention read (`kv_read`), the positions a dense
-        layer would have read (`kv_dense`), and the positions the draft's attention read over
-        its layers and forwards (`draft_kv_read`). One buffer, so a step logs with one
-        update.
+      kv_log: f32[N_steps, L_v + 2, B] per step and sequence (zero while it is done): the
+        cache positions each verifier layer's attention read, the positions a dense layer
+        would have read, and the positions the draft's attention read over its layers and
+        forwards. One buffer, so a step logs with one update; kept per sequence, so a batch
+        split over devices logs without communication. `kv_read`, `kv_dense` and
+        `draft_kv_read` are its sums over the sequences.
     """
 
     progress: DecodeProgress
@@ -191,22 +191,21 @@ class SpecState:
     last_two: jax.Array  # i32[B, 2]
     key: jax.Array
     step: jax.Array  # i32[]
-    drafted: jax.Array  # i32[B]
     accepted: jax.Array  # i32[B]
     active_steps: jax.Array  # i32[B]
-    kv_log: jax.Array  # f32[N_steps, L_v + 2]
+    kv_log: jax.Array  # f32[N_steps, L_v + 2, B]
 
     @property
     def kv_read(self) -> jax.Array:  # f32[N_steps, L_v]
-        return self.kv_log[:, :-2]
+        return self.kv_log[:, :-2].sum(-1)
 
     @property
     def kv_dense(self) -> jax.Array:  # f32[N_steps]
-        return self.kv_log[:, -2]
+        return self.kv_log[:, -2].sum(-1)
 
     @property
     def draft_kv_read(self) -> jax.Array:  # f32[N_steps]
-        return self.kv_log[:, -1]
+        return self.kv_log[:, -1].sum(-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,7 +380,7 @@ def spec_step(
         history = jnp.concatenate([state.last_two, new_tokens], axis=1)
         last_two = jnp.take_along_axis(history, taken[:, None] + jnp.arange(2)[None, :], axis=1)
     reads = jnp.concatenate([info.kv_read, info.kv_dense[None], drafts.kv_read[None]])
-    step_reads = jnp.sum(reads.astype(jnp.float32) * active.astype(jnp.float32), axis=1)
+    step_reads = jnp.where(active, reads.astype(jnp.float32), 0.0)  # [L_v + 2, B]
     draft_cache = None if drafts.cache is None else drafts.cache.with_lengths(seq_lengths - 2)
     return SpecState(
         progress=progress,
@@ -390,10 +389,9 @@ def spec_step(
         last_two=last_two,
         key=state.key,
         step=state.step + 1,
-        drafted=state.drafted + jnp.where(active, gamma, 0),
         accepted=state.accepted + jnp.where(active, num_accepted, 0),
         active_steps=state.active_steps + active.astype(jnp.int32),
-        kv_log=state.kv_log.at[state.step].set(step_reads, mode="drop"),
+        kv_log=jax.lax.dynamic_update_index_in_dim(state.kv_log, step_reads, state.step, 0),
     )
 
 
@@ -437,10 +435,9 @@ def prefill(
         last_two=jnp.stack([last_prompt_token, first], axis=1),
         key=key,
         step=jnp.int32(0),
-        drafted=zeros,
         accepted=zeros,
         active_steps=zeros,
-        kv_log=jnp.zeros((max_new, num_layers + 2), jnp.float32),
+        kv_log=jnp.zeros((max_new, num_layers + 2, len(lengths)), jnp.float32),
     )
 
 
@@ -547,6 +544,7 @@ def _setup(
         selector=selector,
         max_new=max_new_tokens,
         stats_context={
+            "gamma": gamma,
             "layer_map": layer_map_origin,
             "sparse_layers": sparse_layers,
             "entry_bytes": (
@@ -693,19 +691,21 @@ def kv_bill(
 
 def spec_stats(
     state: SpecState,
+    gamma: int,
     layer_map: str = "",
     sparse_layers: Sequence[bool] = (),
     entry_bytes: tuple[int, int] = (0, 0),
 ) -> dict:
-    """Statistics of a run: steps, tokens, drafted/accepted, acceptance rate, tokens/step,
-    the measured KV reduction of the sparse layers (overall, per layer, per step), and the
-    whole KV bill (`kv_bill`: dense layers and the draft included)."""
+    """Statistics of a run of `gamma` drafts per step: steps, tokens, drafted/accepted,
+    acceptance rate, tokens/step, the measured KV reduction of the sparse layers (overall,
+    per layer, per step), and the whole KV bill (`kv_bill`: dense layers and the draft
+    included)."""
     kv_read, kv_dense = np.asarray(state.kv_read), np.asarray(state.kv_dense)
     reduction, per_layer, per_step = kv_reduction(kv_read, kv_dense, sparse_layers)
     tokens = int(np.sum(np.asarray(state.progress.num_generated)))
-    drafted = int(np.sum(np.asarray(state.drafted)))
-    accepted = int(np.sum(np.asarray(state.accepted)))
     active_steps = int(np.sum(np.asarray(state.active_steps)))
+    drafted = gamma * active_steps  # gamma per step while active
+    accepted = int(np.sum(np.asarray(state.accepted)))
     return {
         "steps": int(state.step),
         "tokens": tokens,
