@@ -1,0 +1,113 @@
+"""The attention layer's one function: which path each read takes, and that every path
+computes causal attention over what it is told to read (against a float64 numpy reference)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from specattn_jax.attention import (
+    DENSE,
+    MAX_KERNEL_TOKENS,
+    BlockRead,
+    SelfRead,
+    attend,
+    attention_path,
+)
+from specattn_jax.cache import LayerCache
+
+BATCH, HEADS, KV_HEADS, DIM = 2, 4, 2, 16
+
+
+@pytest.mark.parametrize(
+    "read, backend, num_new, head_dim, summary, path",
+    [
+        (BlockRead(jnp.zeros((1, 1), jnp.int32), jnp.zeros((1,), jnp.int32)), "pallas", 5, 64,
+         False, "sparse"),
+        (BlockRead(jnp.zeros((1, 1), jnp.int32), jnp.zeros((1,), jnp.int32)), "reference", 5, 64,
+         True, "sparse"),
+        (SelfRead(), "auto", 64, 64, False, "self"),
+        (SelfRead("xla"), "pallas", 8, 64, True, "xla"),  # only XLA reports probabilities
+        (DENSE, "pallas", 5, 64, False, "kernel"),
+        (DENSE, "pallas", MAX_KERNEL_TOKENS, 128, False, "kernel"),
+        (DENSE, "pallas", MAX_KERNEL_TOKENS + 1, 64, False, "xla"),  # prefill-sized
+        (DENSE, "auto", 5, 24, False, "xla"),  # a head dim the kernel does not take
+        (DENSE, "pallas", 5, 64, True, "xla"),
+        (DENSE, "reference", 5, 64, False, "xla"),
+    ],
+)  # fmt: skip
+def test_each_read_takes_its_path(read, backend, num_new, head_dim, summary, path):
+    assert attention_path(read, backend, num_new, head_dim, summary) == path
+
+
+def _reference(q, k, v, visible):
+    """float64 GQA attention; visible: bool[B, T, S]."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    scores = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    scores = np.where(visible[:, None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("bhts,bshd->bthd", probs, v)
+
+
+def _inputs(num_new, cache_size, context, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    q = jax.random.normal(keys[0], (BATCH, num_new, HEADS, DIM), jnp.float32)
+    full = (BATCH, cache_size, KV_HEADS, DIM)
+    cache = LayerCache(jax.random.normal(keys[1], full), jax.random.normal(keys[2], full))
+    new_k = jax.random.normal(keys[3], (BATCH, num_new, KV_HEADS, DIM))
+    new_v = jax.random.normal(keys[4], (BATCH, num_new, KV_HEADS, DIM))
+    context_lengths = jnp.asarray(context, jnp.int32)
+    positions = context_lengths[:, None] + jnp.arange(num_new)[None, :]
+    return q, cache.write(positions, new_k, new_v), positions, context_lengths, (new_k, new_v)
+
+
+def test_self_read_is_causal_attention_over_the_forward_tokens():
+    num_new = 7
+    q, _, positions, zeros, (k, v) = _inputs(num_new, 16, [0, 0])
+    result = attend(q, LayerCache(k, v), positions, zeros, SelfRead())
+    visible = np.tril(np.ones((num_new, num_new), bool))[None].repeat(BATCH, 0)
+    np.testing.assert_allclose(result.out, _reference(q, k, v, visible), rtol=2e-5, atol=2e-5)
+    assert result.kv_read.tolist() == [num_new] * BATCH
+    assert result.summary is None
+
+
+@pytest.mark.parametrize("summary", [False, True])
+def test_dense_read_sees_every_position_up_to_its_own(summary):
+    context, num_new, size = [5, 11], 3, 32
+    q, cache, positions, lengths, _ = _inputs(num_new, size, context, seed=1)
+    result = attend(
+        q, cache, positions, lengths, DENSE, backend="reference", return_summary=summary
+    )
+    visible = np.arange(size)[None, None, :] <= np.asarray(positions)[:, :, None]
+    np.testing.assert_allclose(
+        result.out, _reference(q, cache.k, cache.v, visible), rtol=2e-5, atol=2e-5
+    )
+    assert result.kv_read.tolist() == [c + num_new for c in context]
+    if summary:
+        assert result.summary.shape == (BATCH, num_new, size)
+        np.testing.assert_allclose(result.summary.sum(-1), 1.0, rtol=1e-5)
+        assert not np.asarray(result.summary)[~visible].any()
+
+
+def test_block_read_sees_its_blocks_and_the_new_tokens_only():
+    context, num_new, size, granularity = [40, 24], 3, 64, 16
+    q, cache, positions, lengths, _ = _inputs(num_new, size, context, seed=2)
+    indices = jnp.array([[2, 0], [1, 0]], jnp.int32)  # row 0: block 2; row 1: block 1
+    read = BlockRead(indices, jnp.array([1, 1], jnp.int32), granularity)
+    result = attend(q, cache, positions, lengths, read, backend="reference", return_summary=True)
+    key_positions = np.arange(size)
+    chosen = [
+        (key_positions >= 32) & (key_positions < 40),
+        (key_positions >= 16) & (key_positions < 24),
+    ]
+    new = key_positions[None, None, :] >= np.asarray(lengths)[:, None, None]
+    causal = key_positions[None, None, :] <= np.asarray(positions)[:, :, None]
+    visible = (np.stack(chosen)[:, None, :] | new) & causal
+    np.testing.assert_allclose(
+        result.out, _reference(q, cache.k, cache.v, visible), rtol=2e-5, atol=2e-5
+    )
+    assert result.kv_read.tolist() == [8 + num_new, 8 + num_new]
+    assert not np.asarray(result.summary).any()  # a sparse read reports no probabilities
