@@ -267,7 +267,7 @@ def shard_pair(draft, verifier, mesh: Mesh, batch_size: int):
     (a draft of None stays None).
 
     Raises `SpecAttnError` when the mesh does not divide the verifier's heads or the batch.
-    Models already placed this way (e.g. by `load_sharded`) are not moved again.
+    Models already placed this way (e.g. by `loading.load_sharded`) are not moved again.
     """
     check_mesh(mesh, verifier.config, batch_size)
     draft = None if draft is None else replicate_model(draft, mesh)
