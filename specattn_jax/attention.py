@@ -40,8 +40,6 @@ from specattn_jax.cache import LayerCache
 # verify kernel with every block selected instead of XLA's attention over the whole cache.
 MAX_KERNEL_TOKENS = 16
 
-PATHS = ("self", "xla", "kernel", "sparse")
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +246,8 @@ def sparse_attention(
 def attention_path(
     read: Read, backend: str, num_new: int, head_dim: int, return_summary: bool
 ) -> str:
-    """Which of `PATHS` computes a read (all static: shapes, backend, what is asked for)."""
+    """Which path computes a read: "self", "xla", "kernel" or "sparse" (all static: shapes,
+    backend, what is asked for)."""
     if isinstance(read, BlockRead):
         return "sparse"
     if return_summary:

@@ -176,13 +176,13 @@ class SpecState:
       key: PRNG key; the prefill uses `fold_in(key, 0)`, step `i` `fold_in(key, i + 1)`.
       step: i32[] steps taken.
       accepted: i32[B] draft tokens kept.
-      active_steps: i32[B] steps taken while the sequence was active.
       kv_log: f32[N_steps, L_v + 2, B] per step and sequence (zero while it is done): the
         cache positions each verifier layer's attention read, the positions a dense layer
         would have read, and the positions the draft's attention read over its layers and
         forwards. One buffer, so a step logs with one update; kept per sequence, so a batch
         split over devices logs without communication. `kv_read`, `kv_dense` and
-        `draft_kv_read` are its sums over the sequences.
+        `draft_kv_read` are its sums over the sequences; `active_steps` counts the steps
+        that logged a row (a dense layer reads at least the new token, so never zero).
     """
 
     progress: DecodeProgress
@@ -192,7 +192,6 @@ class SpecState:
     key: jax.Array
     step: jax.Array  # i32[]
     accepted: jax.Array  # i32[B]
-    active_steps: jax.Array  # i32[B]
     kv_log: jax.Array  # f32[N_steps, L_v + 2, B]
 
     @property
@@ -206,6 +205,10 @@ class SpecState:
     @property
     def draft_kv_read(self) -> jax.Array:  # f32[N_steps]
         return self.kv_log[:, -1].sum(-1)
+
+    @property
+    def active_steps(self) -> jax.Array:  # i32[B] steps taken while the sequence was active
+        return jnp.sum(self.kv_log[:, -2] > 0, axis=0, dtype=jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,7 +393,6 @@ def spec_step(
         key=state.key,
         step=state.step + 1,
         accepted=state.accepted + jnp.where(active, num_accepted, 0),
-        active_steps=state.active_steps + active.astype(jnp.int32),
         kv_log=jax.lax.dynamic_update_index_in_dim(state.kv_log, step_reads, state.step, 0),
     )
 
@@ -426,7 +428,6 @@ def prefill(
         first[:, None], jnp.ones_like(lengths), decoder.eos_id
     )
     last_prompt_token = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0]
-    zeros = jnp.zeros_like(lengths)
     num_layers = verifier.config.num_hidden_layers
     return SpecState(
         progress=progress,
@@ -435,8 +436,7 @@ def prefill(
         last_two=jnp.stack([last_prompt_token, first], axis=1),
         key=key,
         step=jnp.int32(0),
-        accepted=zeros,
-        active_steps=zeros,
+        accepted=jnp.zeros_like(lengths),
         kv_log=jnp.zeros((max_new, num_layers + 2, len(lengths)), jnp.float32),
     )
 

@@ -156,6 +156,8 @@ class SpecAttnRun:
     tokens: list[int]
     verifier_reads: np.ndarray  # i[L_v] positions each verifier layer read, over the steps
     draft_reads: int  # positions the draft's layers read while drafting, over the steps
+    steps: int  # speculative steps (prefill excluded)
+    accepted: int  # drafted tokens the verifier kept, over the steps
 
 
 def specattn_greedy(
@@ -181,7 +183,7 @@ def specattn_greedy(
     verifier_cache = verifier.new_cache(cache_size)
     sequence = list(prompt) + [int(np.argmax(verifier.forward(prompt, verifier_cache).logits[-1]))]
     verifier_reads = np.zeros(len(verifier.layers), np.int64)
-    draft_reads = 0
+    draft_reads = steps = total_accepted = 0
     while len(sequence) - len(prompt) < max_new_tokens:
         context = len(sequence) - 1  # the verifier's cache holds all but the pending token
         draft_cache = draft.new_cache(cache_size)
@@ -210,6 +212,8 @@ def specattn_greedy(
         while accepted < gamma and drafted[accepted] == greedy[accepted]:
             accepted += 1
         sequence += drafted[:accepted] + [int(greedy[accepted])]
+        steps, total_accepted = steps + 1, total_accepted + accepted
     return SpecAttnRun(
-        sequence[len(prompt) : len(prompt) + max_new_tokens], verifier_reads, int(draft_reads)
-    )
+        sequence[len(prompt) : len(prompt) + max_new_tokens], verifier_reads, int(draft_reads),
+        steps, total_accepted,
+    )  # fmt: skip

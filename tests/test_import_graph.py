@@ -185,7 +185,7 @@ def test_the_model_and_the_selectors_stay_apart(graph):
     assert not crossings, "\n".join(crossings)
 
 
-def test_the_checks_see_circles_and_nested_imports():
+def test_the_checks_see_circles_and_packages():
     """The finder reports a planted circle, and the graph builder sees through packages."""
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None

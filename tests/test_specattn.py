@@ -94,6 +94,8 @@ def test_sparse_greedy_equals_an_independent_stepwise_reference(stories260k_dir,
     assert stats["kv_read_dense_layers"] == reads[: config.dense_layers].sum()
     assert stats["kv_read_sparse_layers"] == reads[config.dense_layers :].sum()
     assert stats["kv_read_draft"] == sum(run.draft_reads for run in runs)
+    assert stats["drafted"] == 3 * sum(run.steps for run in runs)  # gamma per active step
+    assert stats["accepted"] == sum(run.accepted for run in runs)
     assert stats["kv_reduction"] > 0.1  # the verifier really read less
     assert stats["kv_reduction"] == pytest.approx(
         1 - reads[config.dense_layers :].sum() / stats["kv_dense_sparse_layers"], abs=1e-12
