@@ -159,7 +159,7 @@ def cmd_generate(args) -> None:
 
 def _stats_line(stats: dict) -> str:
     parts = [f"{stats['decoder']}: {stats['tokens']} tokens, {stats['steps']} steps"]
-    if "acceptance_rate" in stats:
+    if stats.get("acceptance_rate") is not None:
         parts.append(f"acceptance {stats['acceptance_rate']:.1%}")
         parts.append(f"{stats['tokens_per_step']:.2f} tokens/step")
     if stats["decoder"] == "specattn":

@@ -711,7 +711,8 @@ def spec_stats(
         "tokens": tokens,
         "drafted": drafted,
         "accepted": accepted,
-        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        # None without a draft (autoregressive): there is nothing to accept.
+        "acceptance_rate": None if gamma == 0 else accepted / drafted if drafted else 0.0,
         "tokens_per_step": (tokens - len(state.seq_lengths)) / active_steps
         if active_steps
         else 0.0,

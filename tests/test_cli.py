@@ -42,6 +42,7 @@ def test_generate_autoregressive_and_specattn(capsys):
     common = ("generate", "--prompt", PROMPT, "--max-new-tokens", "10")
     plain = run_json(capsys, *common, "--draft", "none")
     assert plain["stats"]["decoder"] == "autoregressive"
+    assert plain["stats"].get("acceptance_rate") is None  # nothing was drafted
     speculative = run_json(capsys, *common)
     assert speculative["tokens"] == plain["tokens"]  # greedy speculative decoding is exact
     sparse = run_json(
