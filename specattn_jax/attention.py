@@ -8,11 +8,15 @@
   - `SelfRead`: no cache: the keys are exactly this forward's tokens at positions 0..T-1
     (training and scoring).
 
-`attention_path` picks, by a small explicit dispatch, one of four paths:
+`attention_path` picks, by a small explicit dispatch, one of five paths:
   - "self": `jax.nn.dot_product_attention`, causal (XLA's or cuDNN's fused attention);
   - "xla": XLA attention over the whole cache with a position mask (the one path that also
-    reports the head-mean attention probabilities);
+    reports the head-mean attention probabilities; it holds f32[B, H, T, S] scores, so it
+    serves only forwards of a few tokens);
   - "kernel": the Pallas verify kernel with every context block selected (GPU, T <= 16);
+  - "prefill": more than 16 new tokens (prefill and its chunks): blockwise attention that
+    never holds scores over the whole cache (cuDNN's fused attention when the cache held
+    nothing before, on a GPU in 16-bit; otherwise an online softmax over KV blocks, in jnp);
   - "sparse": the Pallas sparse verify kernel over a block list, or its jnp reference.
 
 Every path returns, besides its output, what it read: i32[B] cache positions per sequence
@@ -27,6 +31,7 @@ heads, `G = H // H_kv`, `D` head dim, `N` selected blocks, `L` layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -36,9 +41,17 @@ import pallas_kernels
 from pallas_kernels import DEFAULT_MASK_VALUE
 from specattn_jax.cache import LayerCache
 
-# Up to this many new tokens per forward (decode and verify), dense layers on GPU use the
-# verify kernel with every block selected instead of XLA's attention over the whole cache.
+# Up to this many new tokens per forward (decode and verify), dense layers use the verify
+# kernel (GPU) or XLA's attention over the whole cache (elsewhere); more take "prefill".
 MAX_KERNEL_TOKENS = 16
+
+# Tiles of the blockwise prefill attention (queries x keys per step). Its f32 scores per step
+# are B * H * block_q * block_k: 4 MiB per head and sequence on a GPU, 1 MiB elsewhere.
+PREFILL_BLOCKS = {"gpu": (1024, 1024), "cpu": (512, 512)}
+
+# cuDNN's fused attention takes these dtypes and head dims.
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+_CUDNN_HEAD_DIMS = (64, 128)
 
 
 @jax.tree_util.register_dataclass
@@ -206,6 +219,131 @@ def self_attention(
     return out, jnp.full((batch,), num_tokens, jnp.int32)
 
 
+def blockwise_attention(
+    q: jax.Array,  # [B, T, H, D]
+    k: jax.Array,  # [B, S, H_kv, D]
+    v: jax.Array,  # [B, S, H_kv, D]
+    context_lengths: jax.Array,  # i32[B]
+    *,
+    block_q: int,
+    block_k: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Causal attention of T new queries over the cache by an online softmax over KV blocks.
+
+    Query t of row b sits at position `context_lengths[b] + t` and reads every cache position
+    up to its own (the new keys already written). Query blocks run one after another
+    (`lax.map`), and each reads only the KV blocks below its last query's position, so memory
+    holds f32[B, H, block_q, block_k] scores at a time, never [T, S]. Returns the output
+    [B, T, H, D] (f32 accumulation) and the positions read i32[B], counted from the masks.
+    """
+    batch, num_tokens, num_heads, head_dim = q.shape
+    seq_len, num_kv_heads = k.shape[1], k.shape[2]
+    groups = num_heads // num_kv_heads
+    block_q, block_k = min(block_q, num_tokens), min(block_k, seq_len)
+    num_q_blocks = -(-num_tokens // block_q)
+    padded = num_q_blocks * block_q
+    q = jnp.pad(q, ((0, 0), (0, padded - num_tokens), (0, 0), (0, 0)))
+    q = q.reshape(batch, num_q_blocks, block_q, num_kv_heads, groups, head_dim)
+    q_blocks = q.transpose(1, 0, 3, 4, 2, 5)  # [n_q, B, H_kv, G, block_q, D]
+    scale = head_dim**-0.5
+    key_offsets = jnp.arange(block_k, dtype=jnp.int32)
+
+    def query_block(args):
+        index, q_block = args
+        query_tokens = index * block_q + jnp.arange(block_q, dtype=jnp.int32)
+        query_positions = context_lengths[:, None] + query_tokens  # [B, block_q]
+        real_query = (query_tokens < num_tokens)[None, :, None]  # not the block's padding
+        last = jnp.max(context_lengths) + jnp.minimum((index + 1) * block_q, num_tokens) - 1
+        num_kv_blocks = jnp.minimum(last, seq_len - 1) // block_k + 1
+
+        def kv_block(j, carry):
+            running_max, denominator, acc, read = carry
+            # The last block is shifted back to fit the cache; positions an earlier block
+            # already covered are masked, so every position is counted once.
+            start = jnp.minimum(j * block_k, seq_len - block_k)
+            key_positions = start + key_offsets
+            k_block = jax.lax.dynamic_slice_in_dim(k, start, block_k, axis=1)
+            v_block = jax.lax.dynamic_slice_in_dim(v, start, block_k, axis=1)
+            visible = (key_positions >= j * block_k)[None, None, :] & (
+                key_positions[None, None, :] <= query_positions[:, :, None]
+            )  # [B, block_q, block_k]
+            # Rows no real query reads (stale, past every query) are zeroed: 0 * NaN leaks.
+            reached = (visible & real_query).any(axis=1)  # [B, block_k]
+            v_block = jnp.where(reached[:, :, None, None], v_block, jnp.zeros((), v_block.dtype))
+            scores = jnp.einsum(
+                "bkgqd,bskd->bkgqs", q_block, k_block, preferred_element_type=jnp.float32
+            )
+            scores = jnp.where(visible[:, None, None], scores * scale, DEFAULT_MASK_VALUE)
+            new_max = jnp.maximum(running_max, scores.max(axis=-1))
+            correction = jnp.exp(running_max - new_max)
+            probs = jnp.where(visible[:, None, None], jnp.exp(scores - new_max[..., None]), 0.0)
+            denominator = denominator * correction + probs.sum(axis=-1)
+            acc = acc * correction[..., None] + jnp.einsum(
+                "bkgqs,bskd->bkgqd",
+                probs.astype(v.dtype),
+                v_block,
+                preferred_element_type=jnp.float32,
+            )
+            read = read + jnp.sum(reached, axis=-1, dtype=jnp.int32)
+            return new_max, denominator, acc, read
+
+        stats_shape = (batch, num_kv_heads, groups, block_q)
+        init = (
+            jnp.full(stats_shape, DEFAULT_MASK_VALUE, jnp.float32),
+            jnp.zeros(stats_shape, jnp.float32),
+            jnp.zeros((*stats_shape, head_dim), jnp.float32),
+            jnp.zeros((batch,), jnp.int32),
+        )
+        _, denominator, acc, read = jax.lax.fori_loop(0, num_kv_blocks, kv_block, init)
+        return (acc / denominator[..., None]).astype(q.dtype), read
+
+    out, reads = jax.lax.map(query_block, (jnp.arange(num_q_blocks), q_blocks))
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(batch, padded, num_heads, head_dim)
+    # Query blocks read nested prefixes: the positions read are the largest block's.
+    return out[:, :num_tokens], reads.max(axis=0)
+
+
+def use_cudnn(backend: str, dtype: jnp.dtype, head_dim: int) -> bool:
+    """Whether prefill may use cuDNN's fused attention: a CUDA GPU with the kernels on, a
+    16-bit dtype and a head dim cuDNN takes."""
+    return (
+        pallas_kernels.resolve_backend(backend) == "pallas"
+        and jnp.dtype(dtype) in _CUDNN_DTYPES
+        and head_dim in _CUDNN_HEAD_DIMS
+    )
+
+
+def prefill_attention(
+    q: jax.Array,  # [B, T, H, D]
+    k: jax.Array,  # [B, S, H_kv, D]
+    v: jax.Array,  # [B, S, H_kv, D]
+    context_lengths: jax.Array,  # i32[B]
+    *,
+    backend: str = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """Causal attention of many new tokens over the cache, never holding [T, S] scores.
+
+    When every sequence's cache held nothing before this forward (a first prefill chunk), the
+    keys it reads are exactly the T just written, at positions 0..T-1: on a CUDA GPU in
+    bf16/f16 that is cuDNN's fused causal attention over them (chosen at run time by
+    `lax.cond`). Every other case (a later chunk, CPU, f32, `backend="reference"`) runs
+    `blockwise_attention`. Returns the output [B, T, H, D] and the positions read i32[B].
+    """
+    num_tokens, head_dim = q.shape[1], q.shape[-1]
+    platform = "gpu" if pallas_kernels.resolve_backend(backend) == "pallas" else "cpu"
+    block_q, block_k = PREFILL_BLOCKS[platform]
+    blockwise = functools.partial(blockwise_attention, block_q=block_q, block_k=block_k)
+    if not use_cudnn(backend, q.dtype, head_dim) or num_tokens > k.shape[1]:
+        return blockwise(q, k, v, context_lengths)
+
+    def fused(q, k, v, context_lengths):
+        del context_lengths  # all zero
+        return self_attention(q, k[:, :num_tokens], v[:, :num_tokens], "cudnn")
+
+    empty = jnp.all(context_lengths == 0)
+    return jax.lax.cond(empty, fused, blockwise, q, k, v, context_lengths)
+
+
 def dense_kernel_attention(
     q: jax.Array,  # [B, T, H, D]
     k: jax.Array,  # [B, S, H_kv, D]
@@ -246,15 +384,17 @@ def sparse_attention(
 def attention_path(
     read: Read, backend: str, num_new: int, head_dim: int, return_summary: bool
 ) -> str:
-    """Which path computes a read: "self", "xla", "kernel" or "sparse" (all static: shapes,
-    backend, what is asked for)."""
+    """Which path computes a read: "self", "xla", "kernel", "prefill" or "sparse" (all
+    static: shapes, backend, what is asked for)."""
     if isinstance(read, BlockRead):
         return "sparse"
     if return_summary:
         return "xla"
     if isinstance(read, SelfRead):
         return "self"
-    if pallas_kernels.use_verify_kernel(backend, head_dim) and num_new <= MAX_KERNEL_TOKENS:
+    if num_new > MAX_KERNEL_TOKENS:
+        return "prefill"
+    if pallas_kernels.use_verify_kernel(backend, head_dim):
         return "kernel"
     return "xla"
 
@@ -285,6 +425,8 @@ def attend(
         )
     elif path == "kernel":
         out, kv_read = dense_kernel_attention(q, cache.k, cache.v, context_lengths)
+    elif path == "prefill":
+        out, kv_read = prefill_attention(q, cache.k, cache.v, context_lengths, backend=backend)
     else:
         out, kv_read = sparse_attention(
             q, cache.k, cache.v, read.block_indices, read.block_counts, context_lengths,

@@ -26,12 +26,13 @@ def generate_autoregressive(
     eos_id: int | None | str = "config",
     cache_size: int | None = None,
     mesh: Mesh | None = None,
+    prefill_chunk: int | None = None,
 ) -> GenerationResult:
     """`generate(None, model, prompts, ...)`: decodes each prompt token by token, all on
     device in one jitted `while_loop`. Stats as `generate`'s (no drafts, every layer dense)."""
     return generate(
         None, model, prompts, max_new_tokens=max_new_tokens, sampler=sampler, key=key,
-        eos_id=eos_id, cache_size=cache_size, mesh=mesh,
+        eos_id=eos_id, cache_size=cache_size, mesh=mesh, prefill_chunk=prefill_chunk,
     )  # fmt: skip
 
 
@@ -45,10 +46,11 @@ def stream_autoregressive(
     eos_id: int | None | str = "config",
     cache_size: int | None = None,
     mesh: Mesh | None = None,
+    prefill_chunk: int | None = None,
 ) -> Iterator[tuple[list[list[int]], dict]]:
     """`generate_stream(None, model, prompts, ...)`: yields (new tokens per sequence, running
     stats) after every step."""
     return generate_stream(
         None, model, prompts, max_new_tokens=max_new_tokens, sampler=sampler, key=key,
-        eos_id=eos_id, cache_size=cache_size, mesh=mesh,
+        eos_id=eos_id, cache_size=cache_size, mesh=mesh, prefill_chunk=prefill_chunk,
     )  # fmt: skip

@@ -347,6 +347,58 @@ class Llama(nnx.Module):
         )
         return logits, cache, info
 
+    def prefill(
+        self,
+        tokens: jax.Array,  # i32[B, T] right-padded prompts
+        cache: KVCache,
+        *,
+        num_tokens: jax.Array | None = None,  # i32[B]
+        chunk_size: int | None = None,
+        backend: str = "auto",
+        attend: Attend = attend,
+    ) -> tuple[jax.Array, KVCache]:
+        """Appends prompts to the cache, `chunk_size` tokens per forward (None: all at once).
+
+        Each chunk is one forward over the next `chunk_size` tokens of every row (a row whose
+        prompt has ended adds none), reading the cache blockwise (`attention.prefill_attention`),
+        so memory grows with the chunk, not the prompt. The chunks run in a `lax.scan`: one
+        compiled forward whatever the prompt length. Chunked and whole prefill give the same
+        cache and logits up to float rounding.
+
+        Returns the logits f32[B, V] at each row's last prompt token, and the cache.
+        """
+        batch, length = tokens.shape
+        if num_tokens is None:
+            num_tokens = jnp.full((batch,), length, jnp.int32)
+        if chunk_size is None or chunk_size >= length:
+            logits, cache, _ = self(
+                tokens, cache, num_tokens=num_tokens, last_logits_only=True,
+                backend=backend, attend=attend,
+            )  # fmt: skip
+            return logits[:, 0], cache
+        if chunk_size < 1:
+            raise ValueError(f"{chunk_size=} must be at least 1")
+        num_chunks = -(-length // chunk_size)
+        tokens = jnp.pad(tokens, ((0, 0), (0, num_chunks * chunk_size - length)))
+        chunks = tokens.reshape(batch, num_chunks, chunk_size).transpose(1, 0, 2)
+        starts = jnp.arange(num_chunks, dtype=jnp.int32) * chunk_size
+
+        def one_chunk(carry, chunk):
+            cache, last_logits = carry
+            chunk_tokens, start = chunk
+            in_chunk = jnp.clip(num_tokens - start, 0, chunk_size)
+            logits, cache, _ = self(
+                chunk_tokens, cache, num_tokens=in_chunk, last_logits_only=True,
+                backend=backend, attend=attend,
+            )  # fmt: skip
+            # A row whose prompt ended in an earlier chunk keeps its logits.
+            last_logits = jnp.where((in_chunk > 0)[:, None], logits[:, 0], last_logits)
+            return (cache, last_logits), None
+
+        logits_init = jnp.zeros((batch, self.config.vocab_size), jnp.float32)
+        (cache, logits), _ = jax.lax.scan(one_chunk, (cache, logits_init), (chunks, starts))
+        return logits, cache
+
 
 @functools.partial(
     jax.jit,

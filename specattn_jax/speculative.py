@@ -222,6 +222,7 @@ class Decoder:
       eos_id: the stop token, or None.
       backend: "auto", "pallas" or "reference" for the kernels.
       verifier_attend: the verifier's attention function (`sharding.attention_for(mesh)`).
+      prefill_chunk: prompt tokens per prefill forward (None: the whole prompt at once).
     """
 
     draft: nnx.GraphDef | None
@@ -230,6 +231,7 @@ class Decoder:
     eos_id: int | None
     backend: str
     verifier_attend: Attend = attend
+    prefill_chunk: int | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -410,20 +412,18 @@ def prefill(
 ) -> SpecState:
     """Prefills both caches with the prompts and picks each sequence's first new token."""
     draft, verifier = _merge(decoder, params)
+    chunked = functools.partial(
+        Llama.prefill, num_tokens=lengths, chunk_size=decoder.prefill_chunk,
+        backend=decoder.backend,
+    )  # fmt: skip
     with jax.named_scope("prefill"):
-        logits, verifier_cache, _ = verifier(
-            tokens,
-            caches.verifier,
-            num_tokens=lengths,
-            last_logits_only=True,
-            attend=decoder.verifier_attend,
+        logits, verifier_cache = chunked(
+            verifier, tokens, caches.verifier, attend=decoder.verifier_attend
         )
         draft_cache = None
         if draft is not None:
-            _, draft_cache, _ = draft(
-                tokens, caches.draft, num_tokens=lengths, last_logits_only=True
-            )
-    first = rule.sample(logits[:, 0], jax.random.fold_in(key, 0))
+            _, draft_cache = chunked(draft, tokens, caches.draft)
+    first = rule.sample(logits, jax.random.fold_in(key, 0))
     progress, taken = DecodeProgress.init(budgets, max_new).append(
         first[:, None], jnp.ones_like(lengths), decoder.eos_id
     )
@@ -494,9 +494,12 @@ class _Run:
 
 
 def _setup(
-    draft, verifier, prompts, config, max_new_tokens, cache_size, key, eos_id, sampler, mesh
+    draft, verifier, prompts, config, max_new_tokens, cache_size, key, eos_id, sampler, mesh,
+    prefill_chunk=None,
 ) -> _Run:  # fmt: skip
     """Checks the inputs, builds the selector, places models and caches (on `mesh`)."""
+    if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+        raise SpecAttnError(f"prefill_chunk={prefill_chunk!r} must be a positive integer")
     tokens, lengths = pad_prompts(prompts)
     gamma = config.gamma if draft is not None else 0
     lookahead = gamma + 1 if draft is not None else 0
@@ -533,6 +536,7 @@ def _setup(
             eos_id=verifier.config.eos_token_id if eos_id == "config" else eos_id,
             backend=config.backend,
             verifier_attend=sharding.attention_for(mesh),
+            prefill_chunk=prefill_chunk,
         ),
         params=Pair(draft_params, verifier_params),
         tokens=sharding.put_batch(mesh, tokens),
@@ -567,6 +571,7 @@ def generate(
     eos_id: int | None | str = "config",
     cache_size: int | None = None,
     mesh: Mesh | None = None,
+    prefill_chunk: int | None = None,
 ) -> GenerationResult:
     """Speculative decoding of a batch of prompts, entirely on device.
 
@@ -589,6 +594,8 @@ def generate(
       mesh: a ("data", "model") `Mesh` (`sharding.make_mesh`): the verifier runs
         tensor-parallel over "model" with its KV cache split by KV head, the draft
         replicated, the batch split over "data". None runs on the default device.
+      prefill_chunk: prompt tokens per prefill forward (`Llama.prefill`); None prefills
+        each prompt in one forward. Chunks bound prefill memory by the chunk, not the prompt.
 
     Returns:
       `GenerationResult`: tokens per prompt, and stats (`spec_stats`: steps, tokens, drafted,
@@ -596,7 +603,7 @@ def generate(
     """
     run = _setup(
         draft, verifier, prompts, config or SpecConfig(), max_new_tokens, cache_size, key,
-        eos_id, sampler, mesh,
+        eos_id, sampler, mesh, prefill_chunk,
     )  # fmt: skip
     state = _generate(*run.prefill_args, run.selector)
     return GenerationResult.from_progress(state.progress, spec_stats(state, **run.stats_context))
@@ -614,12 +621,13 @@ def generate_stream(
     eos_id: int | None | str = "config",
     cache_size: int | None = None,
     mesh: Mesh | None = None,
+    prefill_chunk: int | None = None,
 ) -> Iterator[tuple[list[list[int]], dict]]:
     """Like `generate`, driven from the host: yields (tokens accepted per sequence, running
     stats) after the prefill and after every step, for streaming output."""
     run = _setup(
         draft, verifier, prompts, config or SpecConfig(), max_new_tokens, cache_size, key,
-        eos_id, sampler, mesh,
+        eos_id, sampler, mesh, prefill_chunk,
     )  # fmt: skip
     state = _jit_prefill(*run.prefill_args)
     step = functools.partial(_jit_step, run.decoder, run.params, run.rule, run.selector)

@@ -13,6 +13,8 @@ from specattn_jax.attention import (
     SelfRead,
     attend,
     attention_path,
+    blockwise_attention,
+    prefill_attention,
 )
 from specattn_jax.cache import LayerCache
 
@@ -30,7 +32,9 @@ BATCH, HEADS, KV_HEADS, DIM = 2, 4, 2, 16
         (SelfRead("xla"), "pallas", 8, 64, True, "xla"),  # only XLA reports probabilities
         (DENSE, "pallas", 5, 64, False, "kernel"),
         (DENSE, "pallas", MAX_KERNEL_TOKENS, 128, False, "kernel"),
-        (DENSE, "pallas", MAX_KERNEL_TOKENS + 1, 64, False, "xla"),  # prefill-sized
+        (DENSE, "pallas", MAX_KERNEL_TOKENS + 1, 64, False, "prefill"),
+        (DENSE, "reference", 512, 64, False, "prefill"),
+        (DENSE, "reference", 512, 64, True, "xla"),  # probabilities asked for: XLA's
         (DENSE, "auto", 5, 24, False, "xla"),  # a head dim the kernel does not take
         (DENSE, "pallas", 5, 64, True, "xla"),
         (DENSE, "reference", 5, 64, False, "xla"),
@@ -111,3 +115,63 @@ def test_block_read_sees_its_blocks_and_the_new_tokens_only():
     )
     assert result.kv_read.tolist() == [8 + num_new, 8 + num_new]
     assert not np.asarray(result.summary).any()  # a sparse read reports no probabilities
+
+
+@pytest.mark.parametrize(
+    "num_new, cache_size, context, block_q, block_k",
+    [
+        (40, 64, [0, 0], 16, 16),  # a first chunk, blocks dividing everything
+        (40, 100, [0, 0], 16, 32),  # the cache not a multiple of block_k: the last is shifted
+        (33, 300, [250, 7], 8, 64),  # ragged contexts (later chunks), T not a multiple
+        (20, 90, [3, 70], 64, 128),  # blocks larger than T and than the cache
+    ],
+)  # fmt: skip
+def test_blockwise_attention_is_causal_attention_over_the_cache(
+    num_new, cache_size, context, block_q, block_k
+):
+    q, cache, positions, lengths, _ = _inputs(num_new, cache_size, context, seed=3)
+    out, reads = blockwise_attention(
+        q, cache.k, cache.v, lengths, block_q=block_q, block_k=block_k
+    )
+    visible = np.arange(cache_size)[None, None, :] <= np.asarray(positions)[:, :, None]
+    np.testing.assert_allclose(out, _reference(q, cache.k, cache.v, visible), rtol=2e-5, atol=2e-5)
+    assert reads.tolist() == [c + num_new for c in context]
+
+
+def test_blockwise_attention_reads_no_key_past_the_last_query():
+    """Keys past every query's position never reach the output: NaN there changes nothing."""
+    num_new, size, context = 21, 128, [10, 30]  # the last query block has padding
+    q, cache, positions, lengths, _ = _inputs(num_new, size, context, seed=4)
+    past = np.arange(size)[None, :, None, None] > np.asarray(positions)[:, -1:, None, None]
+    poisoned = LayerCache(jnp.where(past, jnp.nan, cache.k), jnp.where(past, jnp.nan, cache.v))
+    out, _ = blockwise_attention(q, poisoned.k, poisoned.v, lengths, block_q=8, block_k=16)
+    assert np.isfinite(np.asarray(out)).all()
+    expected, _ = blockwise_attention(q, cache.k, cache.v, lengths, block_q=8, block_k=16)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_prefill_read_matches_the_whole_cache_xla_path():
+    """A dense read of many tokens ("prefill") equals the XLA path over the whole cache."""
+    num_new, size, context = MAX_KERNEL_TOKENS + 9, 96, [0, 37]
+    q, cache, positions, lengths, _ = _inputs(num_new, size, context, seed=5)
+    blockwise = attend(q, cache, positions, lengths, DENSE, backend="reference")
+    whole = attend(q, cache, positions, lengths, DENSE, backend="reference", return_summary=True)
+    np.testing.assert_allclose(blockwise.out, whole.out, rtol=2e-5, atol=2e-5)
+    assert blockwise.kv_read.tolist() == whole.kv_read.tolist()
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a GPU")
+@pytest.mark.parametrize("context", [[0, 0], [0, 40]], ids=["first-chunk", "later-chunk"])
+def test_prefill_attention_on_gpu_matches_blockwise_in_bf16(context):
+    """On a GPU in bf16, a first chunk takes cuDNN; both branches match the blockwise path."""
+    keys = jax.random.split(jax.random.key(6), 3)
+    batch, num_new, size, heads, kv_heads, dim = 2, 384, 512, 8, 2, 128
+    q = jax.random.normal(keys[0], (batch, num_new, heads, dim), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (batch, size, kv_heads, dim), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (batch, size, kv_heads, dim), jnp.bfloat16)
+    lengths = jnp.asarray(context, jnp.int32)
+    out, _ = jax.jit(prefill_attention)(q, k, v, lengths)
+    expected, _ = blockwise_attention(q, k, v, lengths, block_q=128, block_k=128)
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(expected, np.float32), atol=2e-2, rtol=2e-2
+    )
