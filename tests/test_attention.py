@@ -130,9 +130,7 @@ def test_blockwise_attention_is_causal_attention_over_the_cache(
     num_new, cache_size, context, block_q, block_k
 ):
     q, cache, positions, lengths, _ = _inputs(num_new, cache_size, context, seed=3)
-    out, reads = blockwise_attention(
-        q, cache.k, cache.v, lengths, block_q=block_q, block_k=block_k
-    )
+    out, reads = blockwise_attention(q, cache.k, cache.v, lengths, block_q=block_q, block_k=block_k)
     visible = np.arange(cache_size)[None, None, :] <= np.asarray(positions)[:, :, None]
     np.testing.assert_allclose(out, _reference(q, cache.k, cache.v, visible), rtol=2e-5, atol=2e-5)
     assert reads.tolist() == [c + num_new for c in context]
