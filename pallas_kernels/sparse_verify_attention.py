@@ -93,7 +93,8 @@ def sparse_verify_attention_kernel(
     o_ref,  # [M_pad, D] f32 unnormalised output of this split
     l_ref,  # [M_pad] f32 softmax denominators of this split
     m_ref,  # [M_pad] f32 running max (log2 units) of this split
-    *read_ref,  # ([M_pad] i32: KV rows this split loaded, on every lane) if counting reads
+    *extra_refs,  # [M_pad] i32 KV rows this split loaded (every lane), if counting reads;
+    # then [M_pad, S] f32 logits (log2 units) at the positions read, if scoring
     sm_scale: float,
     granularity: int,
     block_k: int,
@@ -102,7 +103,11 @@ def sparse_verify_attention_kernel(
     num_queries: int,
     q_heads_per_kv_head: int,
     mask_value: float,
+    return_reads: bool,
+    return_scores: bool,
 ):
+    read_ref = extra_refs[0] if return_reads else None
+    scores_ref = extra_refs[-1] if return_scores else None
     split = pl.program_id(1)
     seq_len, head_dim = k_ref.shape
     rows = q_ref.shape[0]
@@ -125,6 +130,15 @@ def sparse_verify_attention_kernel(
         )  # [block, D]
         s = pltriton.dot(q, k, trans_b=True) * scale  # [M_pad, block] f32
         s = jnp.where(visible, s, mask_value)
+        if scores_ref is not None:  # the logits of the loaded lanes, for the summary
+            # Lanes not loaded go to their own spare column past the cache, so no two lanes
+            # of a store share an address (a masked store is a scatter in interpret mode).
+            lane = jnp.arange(positions.shape[0], dtype=jnp.int32)
+            columns = jnp.where(valid, positions, seq_len + lane)
+            row_ids = jnp.arange(rows, dtype=jnp.int32)
+            pltriton.store(
+                scores_ref.at[row_ids[:, None], columns[None, :]], s, mask=valid[None, :]
+            )
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
         correction = jnp.exp2(m_prev - m_next)
         probs = jnp.where(visible, jnp.exp2(s - m_next[:, None]), 0.0)
@@ -182,9 +196,9 @@ def sparse_verify_attention_kernel(
         )
     l_ref[...] = l_i
     m_ref[...] = m_i
-    if read_ref:  # the rows whose K and V this program loaded: new tokens + selected context
+    if read_ref is not None:  # the rows whose K and V this program loaded
         rows_loaded = rows_loaded + jnp.sum(lanes_loaded)
-        read_ref[0][...] = jnp.full((rows,), rows_loaded, jnp.int32)
+        read_ref[...] = jnp.full((rows,), rows_loaded, jnp.int32)
 
 
 def _sparse_verify_attention_unbatched(
@@ -203,6 +217,7 @@ def _sparse_verify_attention_unbatched(
     num_stages: int,
     mask_value: float,
     return_reads: bool,
+    return_summary: bool,
     interpret: bool,
     debug: bool,
 ):
@@ -229,13 +244,21 @@ def _sparse_verify_attention_unbatched(
         num_queries=num_queries,
         q_heads_per_kv_head=q_heads_per_kv_head,
         mask_value=mask_value,
+        return_reads=return_reads,
+        return_scores=return_summary,
     )
     split_outputs = [
         ((num_kv_heads, num_splits, rows_padded, head_dim), jnp.float32),  # o
         ((num_kv_heads, num_splits, rows_padded), jnp.float32),  # l
         ((num_kv_heads, num_splits, rows_padded), jnp.float32),  # m
     ] + [((num_kv_heads, num_splits, rows_padded), jnp.int32)] * return_reads  # rows loaded
-    o, l, m, *reads = pl.pallas_call(
+    out_specs = [_per_program_block(shape) for shape, _ in split_outputs]
+    out_shape = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in split_outputs]
+    if return_summary:  # one logits buffer per KV head; its splits write disjoint positions
+        width = seq_len + max(block_k, block_new)  # spare columns for lanes not loaded
+        out_specs.append(pl.BlockSpec((None, rows_padded, width), lambda h, s: (h, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((num_kv_heads, rows_padded, width), jnp.float32))
+    o, l, m, *extra = pl.pallas_call(
         kernel,
         grid=(num_kv_heads, num_splits),
         in_specs=[
@@ -246,8 +269,8 @@ def _sparse_verify_attention_unbatched(
             pl.BlockSpec((1,), lambda h, s: (0,)),  # block_count
             pl.BlockSpec((1,), lambda h, s: (0,)),  # context_length
         ],
-        out_specs=[_per_program_block(shape) for shape, _ in split_outputs],
-        out_shape=[jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in split_outputs],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         debug=debug,
@@ -263,9 +286,20 @@ def _sparse_verify_attention_unbatched(
     out = out / (denominator[..., None] + jnp.finfo(jnp.float32).eps)
     out = out.reshape(num_kv_heads, num_queries, q_heads_per_kv_head, head_dim)
     out = out.transpose(1, 0, 2, 3).reshape(num_queries, num_heads, head_dim).astype(q.dtype)
+    results = [out]
     if return_reads:
-        return out, reads[0][:, :, 0].sum(axis=1)  # i32[H_kv] rows loaded over the splits
-    return out
+        results.append(extra[0][:, :, 0].sum(axis=1))  # i32[H_kv] rows loaded over the splits
+    if return_summary:
+        # Normalise the logits with the merged softmax state; positions the kernel did not
+        # read (never written) are masked by the selection.
+        scores = extra[-1][:, :rows, :seq_len]  # [H_kv, M, S]
+        probs = jnp.exp2(scores - m_max[..., None]) / denominator[..., None]
+        probs = probs.reshape(num_kv_heads, num_queries, q_heads_per_kv_head, seq_len)
+        read = selection_mask(
+            block_indices[None], block_count, context_length, num_queries, seq_len, granularity
+        )[0]  # [T, S]
+        results.append(jnp.where(read, probs.mean(axis=(0, 2)), 0.0))  # f32[T, S]
+    return results[0] if len(results) == 1 else tuple(results)
 
 
 def _per_program_block(shape: tuple[int, ...]) -> pl.BlockSpec:
@@ -318,6 +352,7 @@ def _check_inputs(q, k_cache, v_cache, block_indices, block_counts, context_leng
         "block_sizes",
         "mask_value",
         "return_reads",
+        "return_summary",
         "interpret",
         "debug",
     ),
@@ -335,9 +370,10 @@ def sparse_verify_attention(
     block_sizes: BlockSizes | None = None,
     mask_value: float = DEFAULT_MASK_VALUE,
     return_reads: bool = False,
+    return_summary: bool = False,
     interpret: bool = False,
     debug: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+) -> jax.Array | tuple[jax.Array, ...]:
     """Verify attention over the selected KV blocks plus the new tokens (Pallas kernel).
 
     Args:
@@ -355,10 +391,15 @@ def sparse_verify_attention(
       return_reads: also return what the kernel read: i32[B, H_kv], per sequence and KV
         head, the cache rows whose keys and values its programs loaded (counted in the
         kernel from its load masks: the new tokens plus the selected context).
+      return_summary: also return f32[B, T, S], the head-mean attention probabilities of
+        each query over the positions it read (zero elsewhere; each row sums to 1). The
+        kernel writes the logits of the rows it loads, so the summary costs one f32 per
+        (query head, position read), not a second pass over the keys.
       interpret, debug: forwarded to `pallas_call`.
 
     Returns:
-      [B, T, H, D] in q's dtype (float32 accumulation); with `return_reads`, (that, reads).
+      [B, T, H, D] in q's dtype (float32 accumulation); with `return_reads` and/or
+      `return_summary`, the tuple (out, reads, summary) of those asked for.
     """
     _check_inputs(q, k_cache, v_cache, block_indices, block_counts, context_lengths, granularity)
     batch, num_queries, num_heads, head_dim = q.shape
@@ -381,6 +422,7 @@ def sparse_verify_attention(
         num_stages=block_sizes.num_stages,
         mask_value=mask_value,
         return_reads=return_reads,
+        return_summary=return_summary,
         interpret=interpret,
         debug=debug,
     )
@@ -444,12 +486,14 @@ def sparse_verify_attention_dispatch(
     granularity: int,
     sm_scale: float | None = None,
     return_reads: bool = False,
+    return_summary: bool = False,
     backend: str = "auto",
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+) -> jax.Array | tuple[jax.Array, ...]:
     """`sparse_verify_attention` on GPU ("pallas"), the reference elsewhere ("reference").
 
     backend: "auto" (the kernel on a CUDA GPU for head dims it supports, else the
-    reference), "pallas" or "reference". `return_reads`: as both ops define it.
+    reference), "pallas" or "reference". `return_reads`, `return_summary`: as both ops
+    define them.
     """
     op = (
         sparse_verify_attention
@@ -466,6 +510,7 @@ def sparse_verify_attention_dispatch(
         granularity=granularity,
         sm_scale=sm_scale,
         return_reads=return_reads,
+        return_summary=return_summary,
     )
 
 
@@ -493,7 +538,9 @@ def selection_mask(
     return context[:, None, :] | new
 
 
-@functools.partial(jax.jit, static_argnames=("granularity", "sm_scale", "return_reads"))
+@functools.partial(
+    jax.jit, static_argnames=("granularity", "sm_scale", "return_reads", "return_summary")
+)
 def sparse_verify_attention_reference(
     q: jax.Array,  # [B, T, H, D]
     k_cache: jax.Array,  # [B, S, H_kv, D]
@@ -505,12 +552,14 @@ def sparse_verify_attention_reference(
     granularity: int,
     sm_scale: float | None = None,
     return_reads: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+    return_summary: bool = False,
+) -> jax.Array | tuple[jax.Array, ...]:
     """Plain-jnp float32 definition of `sparse_verify_attention` (same data arguments).
 
     It computes logits over every cache position and masks them, so the keys and values it
     does not select must be finite. With `return_reads`, it also returns i32[B, H_kv]: the
-    positions its mask lets some query attend (the same for every KV head).
+    positions its mask lets some query attend (the same for every KV head); with
+    `return_summary`, f32[B, T, S]: the head-mean probabilities.
     """
     _check_inputs(q, k_cache, v_cache, block_indices, block_counts, context_lengths, granularity)
     batch, num_queries, num_heads, head_dim = q.shape
@@ -532,7 +581,10 @@ def sparse_verify_attention_reference(
         "bkgts,bskd->btkgd", probs, v_cache.astype(jnp.float32), precision=lax.Precision.HIGHEST
     )
     out = out.reshape(q.shape).astype(q.dtype)
+    results = [out]
     if return_reads:
         reads = jnp.sum(mask.any(axis=1), axis=-1, dtype=jnp.int32)  # [B]
-        return out, jnp.broadcast_to(reads[:, None], (batch, num_kv_heads))
-    return out
+        results.append(jnp.broadcast_to(reads[:, None], (batch, num_kv_heads)))
+    if return_summary:
+        results.append(probs.mean(axis=(1, 2)))  # [B, T, S]
+    return results[0] if len(results) == 1 else tuple(results)

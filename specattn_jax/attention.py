@@ -10,10 +10,11 @@
 
 `attention_path` picks, by a small explicit dispatch, one of five paths:
   - "self": `jax.nn.dot_product_attention`, causal (XLA's or cuDNN's fused attention);
-  - "xla": XLA attention over the whole cache with a position mask (the one path that also
-    reports the head-mean attention probabilities; it holds f32[B, H, T, S] scores, so it
-    serves only forwards of a few tokens);
-  - "kernel": the Pallas verify kernel with every context block selected (GPU, T <= 16);
+  - "xla": XLA attention over the whole cache with a position mask (it holds f32[B, H, T, S]
+    scores, so it serves forwards of a few tokens, and the head-mean attention probabilities
+    off the GPU or of more than 16 tokens);
+  - "kernel": the Pallas verify kernel with every context block selected (GPU, T <= 16); it
+    also writes the logits it computes, from which the head-mean probabilities follow;
   - "prefill": more than 16 new tokens (prefill and its chunks): blockwise attention that
     never holds scores over the whole cache (cuDNN's fused attention when the cache held
     nothing before, on a GPU in 16-bit; otherwise an online softmax over KV blocks, in jnp);
@@ -139,7 +140,7 @@ class AttentionOutput:
       out: [B, T, H, D] in the queries' dtype.
       kv_read: i32[B] cache positions read per sequence, counted by the path that read them.
       summary: f32[B, T, S] head-mean attention probabilities over the cache (zero where not
-        read; all zero for a sparse read, whose kernel does not report them), when asked for.
+        read; all zero for a sparse read), when asked for.
     """
 
     out: jax.Array
@@ -157,8 +158,8 @@ class ForwardInfo:
     """What a forward reports besides logits and cache.
 
     Attributes:
-      attention: f32[L, B, T, S] head-mean attention probabilities over cache positions (when
-        asked for; sparse layers report zeros), else None.
+      attention: f32[L', B, T, S] head-mean attention probabilities over cache positions of
+        the L' layers asked for (sparse layers report zeros), else None.
       kv_read: i32[L, B] cache positions each layer's attention read per sequence, as counted
         by the attention that read them (the selected context, at the granularity read and
         clipped to the context, plus the T new tokens).
@@ -349,11 +350,16 @@ def dense_kernel_attention(
     k: jax.Array,  # [B, S, H_kv, D]
     v: jax.Array,  # [B, S, H_kv, D]
     context_lengths: jax.Array,  # i32[B]
-) -> tuple[jax.Array, jax.Array]:
+    *,
+    return_summary: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Dense decode/verify through the Pallas verify kernel (every context block selected):
-    (output [B, T, H, D], positions read i32[B])."""
-    out, reads = pallas_kernels.dense_verify_attention(q, k, v, context_lengths, return_reads=True)
-    return out, _per_sequence(reads)
+    (output [B, T, H, D], positions read i32[B], and if asked the head-mean probabilities
+    f32[B, T, S] from the logits the kernel wrote as it read, over the live context only)."""
+    out, reads, *summary = pallas_kernels.dense_verify_attention(
+        q, k, v, context_lengths, return_reads=True, return_summary=return_summary
+    )
+    return out, _per_sequence(reads), summary[0] if summary else None
 
 
 def sparse_attention(
@@ -388,14 +394,12 @@ def attention_path(
     static: shapes, backend, what is asked for)."""
     if isinstance(read, BlockRead):
         return "sparse"
-    if return_summary:
-        return "xla"
     if isinstance(read, SelfRead):
-        return "self"
-    if num_new > MAX_KERNEL_TOKENS:
-        return "prefill"
-    if pallas_kernels.use_verify_kernel(backend, head_dim):
+        return "xla" if return_summary else "self"
+    if num_new <= MAX_KERNEL_TOKENS and pallas_kernels.use_verify_kernel(backend, head_dim):
         return "kernel"
+    if num_new > MAX_KERNEL_TOKENS and not return_summary:
+        return "prefill"
     return "xla"
 
 
@@ -424,7 +428,9 @@ def attend(
             q, cache.k, cache.v, positions, return_summary=return_summary
         )
     elif path == "kernel":
-        out, kv_read = dense_kernel_attention(q, cache.k, cache.v, context_lengths)
+        out, kv_read, summary = dense_kernel_attention(
+            q, cache.k, cache.v, context_lengths, return_summary=return_summary
+        )
     elif path == "prefill":
         out, kv_read = prefill_attention(q, cache.k, cache.v, context_lengths, backend=backend)
     else:

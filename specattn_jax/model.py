@@ -113,7 +113,7 @@ class LayerInputs:
       attend: the attention function (`attention.attend`, or a wrapper such as
         `sharding.HeadParallel`).
       backend: "auto", "pallas" or "reference" for the kernels.
-      return_summary: whether layers report head-mean attention probabilities.
+      summary_layers: the layers that report head-mean attention probabilities.
     """
 
     positions: jax.Array
@@ -123,7 +123,7 @@ class LayerInputs:
     self_read: SelfRead | None
     attend: Attend
     backend: str
-    return_summary: bool
+    summary_layers: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +197,7 @@ class Attention(nnx.Module):
                 inputs.context_lengths,
                 read,
                 backend=inputs.backend,
-                return_summary=inputs.return_summary,
+                return_summary=layer_index in inputs.summary_layers,
             )
         out = jnp.einsum("bthd,hde->bte", attention.out.astype(x.dtype), self.o_proj[...])
         if self.use_bias:
@@ -273,7 +273,7 @@ class Llama(nnx.Module):
         *,
         num_tokens: jax.Array | None = None,  # i32[B]
         plan: AttentionPlan | None = None,
-        return_attention: bool = False,
+        return_attention: bool | tuple[int, ...] = False,
         return_queries: bool = False,
         last_logits_only: bool = False,
         backend: str = "auto",
@@ -290,7 +290,8 @@ class Llama(nnx.Module):
             scoring; attention by `jax.nn.dot_product_attention`).
           num_tokens: i32[B] real tokens per row (default: all T).
           plan: per-layer sparse selection for verify; None attends densely everywhere.
-          return_attention: also return the head-mean attention probabilities.
+          return_attention: also return the head-mean attention probabilities: True for every
+            layer, or a tuple of the layers wanted (only those compute them).
           return_queries: also return every layer's RoPE'd queries (for calibrations).
           last_logits_only: return logits only at each row's last real token.
           backend: "auto", "pallas" or "reference" for the attention kernels.
@@ -302,15 +303,22 @@ class Llama(nnx.Module):
         Returns:
           logits: f32[B, T, V] (or f32[B, 1, V] with `last_logits_only`).
           cache: the cache with the new entries and `lengths + num_tokens` (None without one).
-          info: `ForwardInfo`: the head-mean attention probabilities f32[L, B, T, S] over
-            cache positions when `return_attention` (sparse layers report zeros), and the KV
-            entries each layer read.
+          info: `ForwardInfo`: the head-mean attention probabilities f32[L', B, T, S] over
+            cache positions of the layers `return_attention` names (sparse layers report
+            zeros), and the KV entries each layer read.
         """
         batch, seq = tokens.shape
         if num_tokens is None:
             num_tokens = jnp.full((batch,), seq, jnp.int32)
         if cache is None and plan is not None:
             raise ValueError("a sparse plan needs a KV cache to read from")
+        num_layers = self.config.num_hidden_layers
+        if return_attention is True:
+            summary_layers = tuple(range(num_layers))
+        else:
+            summary_layers = tuple(return_attention or ())
+        if not all(0 <= layer < num_layers for layer in summary_layers):
+            raise ValueError(f"{return_attention=} names a layer outside 0..{num_layers - 1}")
         context_lengths = jnp.zeros((batch,), jnp.int32) if cache is None else cache.lengths
         positions = context_lengths[:, None] + jnp.arange(seq, dtype=jnp.int32)[None, :]
         inputs = LayerInputs(
@@ -321,7 +329,7 @@ class Llama(nnx.Module):
             self_read=SelfRead(implementation) if cache is None else None,
             attend=attend,
             backend=backend,
-            return_summary=return_attention,
+            summary_layers=summary_layers,
         )
         x = jnp.take(self.embed_tokens[...], tokens, axis=0)
         results = []
@@ -338,8 +346,8 @@ class Llama(nnx.Module):
             new_lengths = context_lengths + num_tokens.astype(jnp.int32)
             cache = KVCache.from_layers([r.cache for r in results], new_lengths)
         info = ForwardInfo(
-            attention=jnp.stack([r.attention.summary for r in results])
-            if return_attention
+            attention=jnp.stack([results[layer].attention.summary for layer in summary_layers])
+            if summary_layers
             else None,
             kv_read=jnp.stack([r.attention.kv_read for r in results]),
             kv_dense=context_lengths + seq,

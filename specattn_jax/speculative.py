@@ -242,8 +242,8 @@ class Drafts:
     Attributes:
       tokens: i32[B, gamma] drafted tokens.
       logits: f32[B, gamma, V] the draft's logits that produced them.
-      attention: f32[gamma, L_d, B, S] the draft's head-mean attention of each drafting query
-        over the cache, or None when not asked for.
+      attention: f32[gamma, U, B, S] the head-mean attention of each drafting query over the
+        cache in the U draft layers asked for, or None when none were.
       cache: the draft's cache, lengths advanced by gamma + 1 (None without a draft).
       kv_read: i32[B] cache positions the draft's attention read, over its layers and
         forwards.
@@ -274,14 +274,16 @@ def draft_tokens(
     rule: AcceptanceRule,
     key: jax.Array,
     gamma: int,
-    return_attention: bool = True,
+    attention_layers: tuple[int, ...] = (),
 ) -> Drafts:
     """Proposes `gamma` tokens per sequence.
 
     `cache.lengths` must be the position of `last_two[:, 0]`. The first forward feeds both
     tokens (T = 2), the next gamma - 1 one drafted token each; the attention rows are those
-    of the gamma queries that produced a draft.
+    of the gamma queries that produced a draft, in the draft layers `attention_layers` (only
+    those compute them).
     """
+    return_attention = tuple(attention_layers)
     logits, cache, info = draft(last_two, cache, return_attention=return_attention)
     first = rule.sample(logits[:, 1], jax.random.fold_in(key, 0))
 
@@ -325,8 +327,8 @@ def draft_and_plan(
         return Drafts.none(len(seq_lengths), verifier_config.vocab_size), verifier_cache, None
     with jax.named_scope("draft"):
         draft_cache = caches.draft.with_lengths(seq_lengths - 2)
-        need_attention = selector is not None and selector.needs_draft_attention
-        drafts = draft_tokens(draft, draft_cache, last_two, rule, key, gamma, need_attention)
+        layers = () if selector is None else selector.draft_layers
+        drafts = draft_tokens(draft, draft_cache, last_two, rule, key, gamma, layers)
     if selector is None:
         return drafts, verifier_cache, None
     with jax.named_scope("select"):

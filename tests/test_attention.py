@@ -36,7 +36,9 @@ BATCH, HEADS, KV_HEADS, DIM = 2, 4, 2, 16
         (DENSE, "reference", 512, 64, False, "prefill"),
         (DENSE, "reference", 512, 64, True, "xla"),  # probabilities asked for: XLA's
         (DENSE, "auto", 5, 24, False, "xla"),  # a head dim the kernel does not take
-        (DENSE, "pallas", 5, 64, True, "xla"),
+        (DENSE, "pallas", 5, 64, True, "kernel"),  # the kernel writes the probabilities too
+        (DENSE, "auto", 5, 24, True, "xla"),
+        (DENSE, "pallas", MAX_KERNEL_TOKENS + 1, 64, True, "xla"),
         (DENSE, "reference", 5, 64, False, "xla"),
     ],
 )  # fmt: skip

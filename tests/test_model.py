@@ -155,6 +155,31 @@ def test_attention_summary_is_head_mean_probabilities():
     assert np.all(np.triu(np.asarray(attention)[..., :6], k=1) == 0)  # causal
 
 
+def test_attention_summaries_only_for_the_layers_asked(monkeypatch):
+    """Only the layers named compute summaries (the others never ask their attention)."""
+    from specattn_jax import attention
+
+    asked = []
+    dense = attention.dense_attention
+
+    def counting(*args, return_summary=False, **kwargs):
+        asked.append(return_summary)
+        return dense(*args, return_summary=return_summary, **kwargs)
+
+    monkeypatch.setattr(attention, "dense_attention", counting)
+    model = tiny_llama(num_layers=3)
+    tokens = jnp.asarray(_token_batch(128, batch=2, length=5))
+    _, _, every = model(tokens, model.init_cache(2, 8), return_attention=True)
+    asked.clear()
+    _, _, some = model(tokens, model.init_cache(2, 8), return_attention=(2, 0))
+    assert asked == [True, False, True]
+    np.testing.assert_array_equal(some.attention, every.attention[jnp.array([2, 0])])
+    _, _, none = model(tokens, model.init_cache(2, 8), return_attention=())
+    assert none.attention is None
+    with pytest.raises(ValueError, match="outside"):
+        model(tokens, model.init_cache(2, 8), return_attention=(3,))
+
+
 def test_jitted_forward_with_split_model_matches_eager():
     from flax import nnx
 

@@ -1,15 +1,19 @@
 """SpecAttn: exactness at p = 1, exactness of the speculative machinery at p < 1, measured KV
 reduction, and the errors for bad settings."""
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from specattn_jax.acceptance import GreedyAcceptance
 from specattn_jax.errors import SpecAttnError
 from specattn_jax.layer_map import LayerMap, calibrate
 from specattn_jax.loading import load_pretrained
-from specattn_jax.speculative import SpecConfig, generate, kv_reduction
+from specattn_jax.speculative import SpecConfig, draft_tokens, generate, kv_reduction
 from specattn_jax.testing import perturbed_copy, tiny_llama
 from tests.reference_llama import ReferenceLlama, specattn_greedy
 
@@ -43,6 +47,31 @@ def test_all_layers_dense_equals_dense_speculative_decoding(pair):
     dense = generate(draft, verifier, prompts, SpecConfig(gamma=3), max_new_tokens=30)
     config = SpecConfig(gamma=3, attn_p=0.5, dense_layers=5, layer_map=layer_map)
     assert generate(draft, verifier, prompts, config, max_new_tokens=30).tokens == dense.tokens
+
+
+def test_the_draft_summarises_only_the_layers_its_map_uses(pair):
+    """SpecAttn's draft computes attention summaries in the draft layers mapped to a sparse
+    verifier layer, and they equal those layers' summaries; dense speculative decoding's
+    draft computes none."""
+    draft, verifier, prompts, layer_map = pair
+    num_layers = verifier.config.num_hidden_layers
+    mapping = tuple(min(j, draft.config.num_hidden_layers - 1) for j in range(num_layers))
+    config = SpecConfig(gamma=3, attn_p=0.9, dense_layers=num_layers - 2,
+                        layer_map=dataclasses.replace(layer_map, mapping=mapping))  # fmt: skip
+    selector, _ = config.build_selector(draft, verifier, prompts)
+    assert selector.draft_layers == tuple(sorted(set(mapping[num_layers - 2 :])))
+    tokens = jnp.asarray([prompts[0][:12]], jnp.int32)
+    _, cache, _ = draft(tokens, draft.init_cache(1, 32))
+    last_two = jnp.asarray([prompts[0][12:14]], jnp.int32)
+    run = functools.partial(
+        draft_tokens, draft, cache, last_two, GreedyAcceptance(), jax.random.key(0), 3
+    )
+    mapped, every = run(selector.draft_layers), run(tuple(range(draft.config.num_hidden_layers)))
+    assert mapped.attention.shape == (3, len(selector.draft_layers), 1, 32)
+    np.testing.assert_array_equal(
+        mapped.attention, every.attention[:, jnp.array(selector.draft_layers)]
+    )
+    assert run(()).attention is None
 
 
 def _noisy_pair(stories260k_dir, dtype):

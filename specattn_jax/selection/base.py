@@ -24,14 +24,15 @@ class SelectionInputs:
 
     Attributes:
       context_lengths: i32[B] cache positions before the new tokens (the candidates).
-      draft_attention: f32[A, L_d, B, S] the draft's head-mean attention of its A drafting
-        queries over the cache positions, or None when no draft ran.
+      draft_attention: f32[A, U, B, S] the head-mean attention of the A drafting queries over
+        the cache positions, in the U draft layers of the selector's `draft_layers`, or None
+        when it names none.
       num_layers: verifier layers (static).
       cache_size: S, positions per sequence (static).
     """
 
     context_lengths: jax.Array  # i32[B]
-    draft_attention: jax.Array | None  # f32[A, L_d, B, S]
+    draft_attention: jax.Array | None  # f32[A, U, B, S]
     num_layers: int = dataclasses.field(metadata=dict(static=True))
     cache_size: int = dataclasses.field(metadata=dict(static=True))
 
@@ -40,7 +41,9 @@ class Selector(Protocol):
     """A KV selection method."""
 
     granularity: int
-    needs_draft_attention: bool
+    # The draft layers whose attention the selector reads, ascending (empty: none). Only
+    # these draft layers compute their attention summaries.
+    draft_layers: tuple[int, ...]
 
     def plan(self, inputs: SelectionInputs) -> AttentionPlan | None:
         """The verifier's attention plan for one forward (None: dense everywhere)."""

@@ -93,7 +93,7 @@ class StreamingLLM:
     granularity: int = dataclasses.field(default=1, metadata=dict(static=True))
     dense_layers: int = dataclasses.field(default=2, metadata=dict(static=True))
 
-    needs_draft_attention = False
+    draft_layers = ()
 
     def plan(self, inputs: SelectionInputs) -> AttentionPlan:
         context = inputs.context_lengths[:, None]
@@ -116,7 +116,7 @@ class _QuerySelector:
     the selector itself as its `QuerySelector` (a pytree, called as
     `selector(layer, q, k_cache, context_lengths)`)."""
 
-    needs_draft_attention = False
+    draft_layers = ()
 
     def plan(self, inputs: SelectionInputs) -> AttentionPlan:
         return AttentionPlan(

@@ -46,15 +46,19 @@ class SpecAttnSelector:
     recent: int = dataclasses.field(default=0, metadata=dict(static=True))
     backend: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
-    needs_draft_attention = True
+    @property
+    def draft_layers(self) -> tuple[int, ...]:
+        """The draft layers the layer map assigns to a sparse verifier layer."""
+        sparse_layers = sparse_layer_flags(len(self.mapping), self.dense_layers)
+        pairs = zip(self.mapping, sparse_layers, strict=True)
+        return tuple(sorted({draft_layer for draft_layer, sparse in pairs if sparse}))
 
     def plan(self, inputs: SelectionInputs) -> AttentionPlan | None:
         sparse_layers = sparse_layer_flags(len(self.mapping), self.dense_layers)
         if not any(sparse_layers):
             return None
-        used = sorted({self.mapping[j] for j, sparse in enumerate(sparse_layers) if sparse})
-        weights = inputs.draft_attention[:, jnp.array(used)]  # [A, U, B, S]
-        weights = weights.transpose(2, 1, 0, 3)  # [B, U, A, S]
+        used = self.draft_layers
+        weights = inputs.draft_attention.transpose(2, 1, 0, 3)  # [B, U, A, S]
         if self.aggregate == "mean":
             weights = weights.mean(axis=2, keepdims=True)
         batch, num_used, num_rows, size = weights.shape

@@ -251,6 +251,52 @@ class SparseVerifyAttentionCases(KernelTestBase):
         dense = pk.dense_verify_attention(q, k_nan, v_nan, lengths, interpret=self.INTERPRET)
         assert not bool(jnp.isfinite(dense).all())
 
+    @pytest.mark.parametrize(
+        "num_queries, dtype, dense", [(1, "bfloat16", True), (2, "float32", True),
+                                      (5, "float32", False)]
+    )  # fmt: skip
+    def test_summary_is_head_mean_probabilities_over_what_was_read(self, num_queries, dtype, dense):
+        """The kernel's summary equals the head-mean of softmax probabilities computed
+        independently (float64, over the explicit positions read), sums to 1 per row, is zero
+        elsewhere, and stays finite with NaN in every row not read."""
+        num_heads, num_kv_heads = self.heads("32/8")
+        seq_len, granularity = self.seq_len(), 16
+        lengths, wanted = self.ragged_lengths(num_queries)
+        if dense:
+            wanted = [-1] * len(wanted)
+        k_inputs, k_select = jax.random.split(jax.random.key(20 + num_queries))
+        q, k, v = make_qkv(
+            k_inputs, 4, num_queries, num_heads, num_kv_heads, 64, seq_len, jnp.dtype(dtype)
+        )
+        indices, counts = make_selection(k_select, lengths, wanted, seq_len, granularity)
+        read = readable_positions(indices, counts, lengths, num_queries, seq_len, granularity)
+        keep = jnp.asarray(read)[:, :, None, None]
+        k_nan, v_nan = jnp.where(keep, k, jnp.nan), jnp.where(keep, v, jnp.nan)
+        out, summary = pk.sparse_verify_attention(
+            q, k_nan, v_nan, indices, counts, lengths, granularity=granularity,
+            return_summary=True, interpret=self.INTERPRET,
+        )  # fmt: skip
+        assert summary.shape == (4, num_queries, seq_len) and summary.dtype == jnp.float32
+        assert bool(jnp.isfinite(summary).all()) and bool(jnp.isfinite(out).all())
+        # Independent: float64 probabilities over each query's own positions.
+        q64, k64 = np.asarray(q, np.float64), np.asarray(k, np.float64)
+        group = num_heads // num_kv_heads
+        logits = np.einsum("bthd,bshd->bhts", q64, np.repeat(k64, group, axis=2)) / 8.0
+        causal = np.arange(seq_len)[None, None, :] <= (
+            np.asarray(lengths)[:, None, None] + np.arange(num_queries)[None, :, None]
+        )
+        visible = (read[:, None, :] & causal)[:, None]  # [B, 1, T, S]
+        logits = np.where(visible, logits, -np.inf)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        expected = (probs / probs.sum(-1, keepdims=True)).mean(axis=1)
+        np.testing.assert_allclose(summary, expected, atol=2e-3 if dtype == "bfloat16" else 1e-5)
+        np.testing.assert_allclose(summary.sum(-1), 1.0, rtol=1e-4)
+        assert not np.asarray(summary)[~np.broadcast_to(visible[:, 0], summary.shape)].any()
+        reference = pk.sparse_verify_attention_reference(
+            q, k, v, indices, counts, lengths, granularity=granularity, return_summary=True
+        )[1]
+        np.testing.assert_allclose(summary, reference, atol=2e-3 if dtype == "bfloat16" else 1e-5)
+
     @pytest.mark.parametrize("num_splits", [1, 3])
     def test_split_counts_agree(self, num_splits):
         num_heads, num_kv_heads = self.heads("32/8")
