@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session in one call: every GPU test (kernels, sparsity evidence, exactness), then
-# the generation and kernel benchmarks, each under its own time limit, logs and JSON under
-# $OUT (default runs/device). BENCHMARKS lists which benchmarks run (default all three;
-# "none" for the tests alone).
+# the benchmarks, each under its own time limit, logs and JSON under $OUT (default
+# runs/device). BENCHMARKS lists which run (default generate,kernels,read_counts; also
+# longctx, with LONGCTX_ARGS; "none" for the tests alone).
 #
 #   SPECATTN_DATA_DIR=path/to/gutenberg bash benchmarks/device_session.sh
 #
@@ -14,14 +14,15 @@ OUT=${OUT:-runs/device}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 TESTS_S=${TESTS_S:-240} GENERATE_S=${GENERATE_S:-200} KERNELS_S=${KERNELS_S:-110}
-COUNTS_S=${COUNTS_S:-60} BENCHMARKS=${BENCHMARKS:-generate,kernels,read_counts}
+COUNTS_S=${COUNTS_S:-60} LONGCTX_S=${LONGCTX_S:-300}
+BENCHMARKS=${BENCHMARKS:-generate,kernels,read_counts}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())'
 
 echo "== GPU tests"
 SPECATTN_REPORT_DIR=$OUT timeout "$TESTS_S" python3 -m pytest -q -s -m gpu tests/kernels \
-  tests/test_sparsity_evidence.py tests/test_gpu_exactness.py \
+  tests/test_sparsity_evidence.py tests/test_gpu_exactness.py tests/test_attention.py \
   -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/gpu_tests.log" \
   | grep -E "^\{'check'|passed|failed|FAILED|Error" | tail -n 30
 
@@ -42,4 +43,10 @@ if [[ $BENCHMARKS == *read_counts* ]]; then
   echo "== bench_read_counts"
   timeout "$COUNTS_S" python3 benchmarks/bench_read_counts.py --out "$OUT/bench_read_counts.json" \
     2>&1 | tee "$OUT/bench_read_counts.log" | tail -n 8
+fi
+
+if [[ $BENCHMARKS == *longctx* ]]; then
+  echo "== bench_longctx"
+  timeout "$LONGCTX_S" python3 benchmarks/bench_longctx.py --out "$OUT/bench_longctx.json" \
+    --budget $((LONGCTX_S - 20)) ${LONGCTX_ARGS:-} 2>&1 | tee "$OUT/bench_longctx.log" | tail -n 40
 fi

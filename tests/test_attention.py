@@ -160,6 +160,7 @@ def test_prefill_read_matches_the_whole_cache_xla_path():
     assert blockwise.kv_read.tolist() == whole.kv_read.tolist()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a GPU")
 @pytest.mark.parametrize("context", [[0, 0], [0, 40]], ids=["first-chunk", "later-chunk"])
 def test_prefill_attention_on_gpu_matches_blockwise_in_bf16(context):

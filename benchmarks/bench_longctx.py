@@ -1,0 +1,419 @@
+"""Long contexts end to end at real model size: prompts of Gutenberg test text prefilled
+through the library, then decoded, against HF transformers on the same GPU in the same run.
+
+Models have the shapes of real checkpoints and random bf16 weights: a Llama-2-7B-shaped
+verifier (32 heads, MHA) and a Llama-3-8B-shaped one (32/8 heads, vocab 128256). The prompts
+are test-book text tokenized by the bundled tokenizer (ids < 8192, valid in both vocabularies).
+
+Sections (`--sections`, each a table and a JSON part):
+  prefill  time to first token: `generate`'s own prefill-and-first-token program, whole or in
+           chunks, against `LlamaForCausalLM` (sdpa) on the same prompt, and peak memory;
+  decode   autoregressive decoding of `--new-tokens` tokens after the prefill, one jitted
+           `generate` call (wall clock, prefill subtracted), against its byte limit (weights
+           plus live KV per token over copy bandwidth) and HF's `generate` with a static cache;
+  matmul   the projections of one layer at M = 1..9 rows, as three (q, k, v) or two (gate,
+           up) matmuls and as one fused matmul, against their bytes at copy bandwidth.
+
+    python benchmarks/bench_longctx.py --out longctx.json [--sections prefill,decode,matmul]
+        [--contexts 4096,16384,32768] [--gqa-contexts 131072] [--budget SECONDS] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
+
+import _timing
+import jax
+import jax.numpy as jnp
+from bench_generate import LLAMA2_7B, TINYLLAMA_1B, shrunk
+from flax import nnx
+
+from specattn_jax.config import LlamaConfig
+from specattn_jax.model import Llama
+from specattn_jax.speculative import SpecConfig, _generate, _jit_prefill, _setup
+
+LLAMA3_8B = LlamaConfig(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+    torch_dtype="bfloat16", max_position_embeddings=131072 + 1024,
+)  # fmt: skip
+SHAPES = {"llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B}
+
+
+class Budget:
+    """Seconds left for the whole run: a section that would start past it is skipped."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.perf_counter() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+
+def prompt_ids(length: int, data_dir: str | None, vocab_size: int) -> list[int]:
+    """`length` token ids of test-book text (the bundled tokenizer), books joined in order
+    (taken modulo the vocabulary for the toy shapes of `--tiny`)."""
+    from specattn_jax.data import load_split_texts
+    from specattn_jax.loading import ASSETS, load_tokenizer
+
+    tokenizer = load_tokenizer(ASSETS / "verifier")
+    ids: list[int] = []
+    for text in load_split_texts("test", data_dir):
+        ids += tokenizer(text)["input_ids"]
+        if len(ids) >= length:
+            return [i % vocab_size for i in ids[:length]]
+    raise SystemExit(f"the test books hold {len(ids)} tokens, fewer than {length}")
+
+
+def wall_median(fn, *, repeats: int) -> float:
+    """Median wall seconds of `fn()` (which blocks until its result is ready), after a
+    warm-up call that compiles."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_gb() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**30
+
+
+def random_model(config: LlamaConfig, seed: int) -> Llama:
+    return Llama(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(seed))
+
+
+# Prefill.
+
+
+def time_to_first_token(model, prompt, *, chunk: int | None, repeats: int) -> float:
+    """Median seconds of `generate`'s prefill-and-first-token program (`_jit_prefill`) on one
+    prompt, caches fresh each call (set-up excluded)."""
+
+    def run():
+        setup = _setup(None, model, [prompt], SpecConfig(), 1, None, None, None, None, None, chunk)
+        jax.block_until_ready(_jit_prefill(*setup.prefill_args).progress.output)
+
+    return wall_median(run, repeats=repeats)
+
+
+@contextlib.contextmanager
+def hf_model(config: LlamaConfig):
+    """A random bf16 `LlamaForCausalLM` of this shape on the GPU (sdpa attention)."""
+    import torch
+    import transformers
+
+    hf_config = transformers.LlamaConfig(**config.to_hf(), attn_implementation="sdpa")
+    hf_config.torch_dtype = torch.bfloat16
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        model = transformers.LlamaForCausalLM(hf_config).eval()
+        torch.set_default_dtype(torch.float32)
+    try:
+        yield model
+    finally:
+        del model
+        torch.cuda.empty_cache()
+
+
+def hf_prefill_time(model, prompt, *, repeats: int) -> float:
+    import torch
+
+    ids = torch.tensor([prompt], device="cuda")
+
+    def run():
+        with torch.inference_mode():
+            model(ids, use_cache=True, logits_to_keep=1)
+        torch.cuda.synchronize()
+
+    return wall_median(run, repeats=repeats)
+
+
+def bench_prefill(args, budget: Budget, report: dict, save) -> None:
+    rows = report.setdefault("prefill", [])
+    plan = [("llama2-7b", c) for c in args.contexts] + [("llama3-8b", c) for c in args.gqa_contexts]
+    for shape, context in plan:
+        if budget.left() < 60:
+            rows.append({"shape": shape, "context": context, "skipped": "out of time"})
+            continue
+        config = args.shape(SHAPES[shape])
+        prompt = prompt_ids(context, args.data_dir, config.vocab_size)
+        model = random_model(config, 0)
+        row = {"shape": shape, "context": context}
+        repeats = 1 if context > 32768 else args.repeats
+        for name, chunk in (("whole", None), (f"chunks_{args.chunk}", args.chunk)):
+            if chunk is not None and chunk >= context:
+                continue
+            try:
+                row[f"ttft_{name}_s"] = time_to_first_token(
+                    model, prompt, chunk=chunk, repeats=repeats
+                )
+            except Exception as error:  # noqa: BLE001 (a failed run is reported, not fatal)
+                row[f"ttft_{name}_error"] = f"{type(error).__name__}: {error}"[:400]
+        row["jax_peak_gb_so_far"] = peak_gb()
+        del model
+        if not args.skip_hf:
+            try:
+                import torch
+
+                torch.cuda.reset_peak_memory_stats()
+                with hf_model(config) as hf:
+                    row["hf_sdpa_prefill_s"] = hf_prefill_time(hf, prompt, repeats=repeats)
+                row["hf_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            except Exception as error:  # noqa: BLE001
+                row["hf_error"] = f"{type(error).__name__}: {error}"[:400]
+        rows.append(row)
+        print(f"  prefill {row}", file=sys.stderr)
+        save(report)
+
+
+# Decode.
+
+
+def byte_limit_s(config: LlamaConfig, context: int, bandwidth: float) -> float:
+    """Seconds per autoregressive token to read the weights and the live KV once at
+    `bandwidth` (read + write bytes per second of a copy, so reads count twice)."""
+    weights = (
+        config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+        + config.num_hidden_layers
+        * (
+            config.hidden_size * config.head_dim
+            * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+            + 3 * config.hidden_size * config.intermediate_size
+        )
+    ) * 2  # fmt: skip
+    kv = 2 * config.num_hidden_layers * context * config.num_key_value_heads * config.head_dim * 2
+    return 2 * (weights + kv) / bandwidth
+
+
+def our_decode(model, prompt, new_tokens: int, repeats: int) -> dict:
+    """Wall seconds of one jitted `generate` (prefill + `new_tokens` greedy tokens, no EOS),
+    and of its prefill alone; their difference per token is the decode time."""
+
+    def setup():
+        return _setup(None, model, [prompt], SpecConfig(), new_tokens, None, None, None, None, None)
+
+    def whole():
+        run = setup()
+        state = _generate(*run.prefill_args, run.selector)
+        jax.block_until_ready(state.progress.output)
+        assert int(state.progress.num_generated[0]) == new_tokens, state.progress.num_generated
+
+    def first():
+        run = setup()
+        jax.block_until_ready(_jit_prefill(*run.prefill_args).progress.output)
+
+    total, prefill = wall_median(whole, repeats=repeats), wall_median(first, repeats=repeats)
+    return {
+        "generate_s": total,
+        "prefill_s": prefill,
+        "decode_ms_per_token": 1e3 * (total - prefill) / (new_tokens - 1),
+    }
+
+
+def hf_decode(model, prompt, new_tokens: int) -> dict:
+    """HF `generate` with a static cache, greedy, exactly `new_tokens` tokens: wall seconds
+    of the call and of a one-token call (its prefill); the difference per token."""
+    import torch
+
+    ids = torch.tensor([prompt], device="cuda")
+
+    def run(count):
+        with torch.inference_mode():
+            out = model.generate(
+                ids, max_new_tokens=count, min_new_tokens=count, do_sample=False,
+                cache_implementation="static", pad_token_id=0,
+            )  # fmt: skip
+        torch.cuda.synchronize()
+        return out
+
+    run(new_tokens)  # warm-up (and compile, where transformers compiles a static cache)
+    start = time.perf_counter()
+    run(new_tokens)
+    total = time.perf_counter() - start
+    run(1)
+    start = time.perf_counter()
+    run(1)
+    first = time.perf_counter() - start
+    return {
+        "hf_generate_s": total,
+        "hf_prefill_s": first,
+        "hf_decode_ms_per_token": 1e3 * (total - first) / (new_tokens - 1),
+    }
+
+
+def bench_decode(args, budget: Budget, report: dict, save) -> None:
+    rows = report.setdefault("decode", [])
+    bandwidth = report["copy_bandwidth"]["ceiling_Bps"]
+    for context in args.decode_contexts:
+        if budget.left() < 90:
+            rows.append({"shape": "llama2-7b", "context": context, "skipped": "out of time"})
+            continue
+        config = args.shape(LLAMA2_7B)
+        prompt = prompt_ids(context, args.data_dir, config.vocab_size)
+        row = {"shape": "llama2-7b", "context": context, "new_tokens": args.new_tokens}
+        model = random_model(config, 0)
+        try:
+            row.update(our_decode(model, prompt, args.new_tokens, repeats=args.repeats))
+            limit = byte_limit_s(config, context + args.new_tokens // 2, bandwidth)
+            row["byte_limit_ms"] = 1e3 * limit
+            row["fraction_of_byte_limit"] = limit / (row["decode_ms_per_token"] / 1e3)
+        except Exception as error:  # noqa: BLE001
+            row["error"] = f"{type(error).__name__}: {error}"[:400]
+        del model
+        if not args.skip_hf and budget.left() > 120:
+            try:
+                with hf_model(config) as hf:
+                    row.update(hf_decode(hf, prompt, args.new_tokens))
+            except Exception as error:  # noqa: BLE001
+                row["hf_error"] = f"{type(error).__name__}: {error}"[:400]
+        rows.append(row)
+        print(f"  decode {row}", file=sys.stderr)
+        save(report)
+
+
+# Small-batch matmuls.
+
+
+def bench_matmul(args, report: dict, save) -> None:
+    """Projections of one layer at M rows: separate matmuls against one fused matmul."""
+    rows = report.setdefault("matmul", [])
+    bandwidth = report["copy_bandwidth"]["ceiling_Bps"]
+    for name, config in (("tinyllama-1.1b", TINYLLAMA_1B), ("llama2-7b", LLAMA2_7B)):
+        config = args.shape(config)
+        embed, ffn = config.hidden_size, config.intermediate_size
+        q_width = config.num_attention_heads * config.head_dim
+        kv_width = config.num_key_value_heads * config.head_dim
+        groups = {"qkv": (q_width, kv_width, kv_width), "gate_up": (ffn, ffn)}
+        key = jax.random.key(0)
+        for group, widths in groups.items():
+            parts = [
+                jax.random.normal(jax.random.fold_in(key, i), (embed, w), jnp.bfloat16)
+                for i, w in enumerate(widths)
+            ]
+            fused = jnp.concatenate(parts, axis=1)
+            weight_bytes = 2 * embed * sum(widths)
+            for m in args.matmul_rows:
+                x = jax.random.normal(key, (m, embed), jnp.bfloat16)
+                separate = _timing.loop_time(
+                    lambda x, *ws: [x @ w for w in ws], [(x, *parts)], iters=200
+                )["median_s"]
+                one = _timing.loop_time(lambda x, w: x @ w, [(x, fused)], iters=200)["median_s"]
+                limit = 2 * weight_bytes / bandwidth
+                rows.append(
+                    {
+                        "model": name, "group": group, "rows": m,
+                        "separate_us": 1e6 * separate, "fused_us": 1e6 * one,
+                        "byte_limit_us": 1e6 * limit,
+                        "separate_fraction": limit / separate, "fused_fraction": limit / one,
+                    }
+                )  # fmt: skip
+                print(f"  matmul {rows[-1]}", file=sys.stderr)
+    save(report)
+
+
+def print_tables(report: dict) -> None:
+    device = report["device"]
+    print(f"\ndevice: {device}, jax {report['jax']}, copy {report['copy_tb_s']:.2f} TB/s")
+    if report.get("prefill"):
+        print("\nTime to first token (s), random bf16 weights, batch 1")
+        print("| shape | context | ours, whole | ours, chunks | HF sdpa | ours/HF | HF peak GB |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in report["prefill"]:
+            whole, hf = r.get("ttft_whole_s"), r.get("hf_sdpa_prefill_s")
+            chunked = next((v for k, v in r.items() if k.startswith("ttft_chunks")), None)
+            ratio = f"{whole / hf:.2f}" if whole and hf else "-"
+            print(
+                f"| {r['shape']} | {r['context']} | {_fmt(whole)} | {_fmt(chunked)} | "
+                f"{_fmt(hf)} | {ratio} | {_fmt(r.get('hf_peak_gb'), 1)} |"
+            )
+    if report.get("decode"):
+        print("\nAutoregressive decode, Llama-2-7B shape, ms per token (prefill subtracted)")
+        print("| context | ours | byte limit | fraction | HF static cache |")
+        print("| ---: | ---: | ---: | ---: | ---: |")
+        for r in report["decode"]:
+            print(
+                f"| {r['context']} | {_fmt(r.get('decode_ms_per_token'), 2)} | "
+                f"{_fmt(r.get('byte_limit_ms'), 2)} | {_fmt(r.get('fraction_of_byte_limit'))} | "
+                f"{_fmt(r.get('hf_decode_ms_per_token'), 2)} |"
+            )
+    if report.get("matmul"):
+        print("\nProjections at M rows: microseconds, and fraction of their byte limit")
+        print("| model | group | M | separate | fused | limit | separate frac | fused frac |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in report["matmul"]:
+            print(
+                f"| {r['model']} | {r['group']} | {r['rows']} | {r['separate_us']:.1f} | "
+                f"{r['fused_us']:.1f} | {r['byte_limit_us']:.1f} | "
+                f"{r['separate_fraction']:.2f} | {r['fused_fraction']:.2f} |"
+            )
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench_longctx.json")
+    parser.add_argument("--sections", default="prefill,decode,matmul")
+    parser.add_argument("--contexts", type=_ints, default=[4096, 16384, 32768])
+    parser.add_argument("--gqa-contexts", type=_ints, default=[131072])
+    parser.add_argument("--decode-contexts", type=_ints, default=[4096, 32768])
+    parser.add_argument("--matmul-rows", type=_ints, default=[1, 5, 9])
+    parser.add_argument("--chunk", type=int, default=8192)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds for the run")
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--data-dir", default=os.environ.get("SPECATTN_DATA_DIR"))
+    parser.add_argument("--tiny", action="store_true", help="toy shapes: a CPU smoke run")
+    args = parser.parse_args(argv)
+    args.shape = shrunk if args.tiny else (lambda config: config)
+    budget = Budget(args.budget)
+    bandwidth = _timing.copy_bandwidth()
+    report = {
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
+        "copy_bandwidth": bandwidth,
+        "copy_tb_s": bandwidth["ceiling_Bps"] / 1e12,
+        "shapes": {name: dataclasses.asdict(config) for name, config in SHAPES.items()},
+        "weights": "random bf16 (Llama(config, rngs=nnx.Rngs(0)))",
+        "prompts": "Gutenberg test books, bundled tokenizer",
+    }
+
+    def save(part: dict) -> None:
+        Path(args.out).write_text(json.dumps(part, indent=1))
+
+    sections = args.sections.split(",")
+    if "matmul" in sections:
+        bench_matmul(args, report, save)
+    if "prefill" in sections:
+        bench_prefill(args, budget, report, save)
+    if "decode" in sections:
+        bench_decode(args, budget, report, save)
+    save(report)
+    print_tables(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
