@@ -156,7 +156,7 @@ def bench_prefill(args, budget: Budget, report: dict, save) -> None:
         row = {"shape": shape, "context": context}
         repeats = 1 if context > 32768 else args.repeats
         for name, chunk in (("whole", None), (f"chunks_{args.chunk}", args.chunk)):
-            if chunk is not None and chunk >= context:
+            if chunk is not None and not 0 < chunk < context:
                 continue
             try:
                 row[f"ttft_{name}_s"] = time_to_first_token(
@@ -166,7 +166,9 @@ def bench_prefill(args, budget: Budget, report: dict, save) -> None:
                 row[f"ttft_{name}_error"] = f"{type(error).__name__}: {error}"[:400]
         row["jax_peak_gb_so_far"] = peak_gb()
         del model
-        if not args.skip_hf:
+        rows.append(row)
+        save(report)
+        if "prefill" in args.hf:
             try:
                 import torch
 
@@ -176,7 +178,6 @@ def bench_prefill(args, budget: Budget, report: dict, save) -> None:
                 row["hf_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
             except Exception as error:  # noqa: BLE001
                 row["hf_error"] = f"{type(error).__name__}: {error}"[:400]
-        rows.append(row)
         print(f"  prefill {row}", file=sys.stderr)
         save(report)
 
@@ -185,8 +186,8 @@ def bench_prefill(args, budget: Budget, report: dict, save) -> None:
 
 
 def byte_limit_s(config: LlamaConfig, context: int, bandwidth: float) -> float:
-    """Seconds per autoregressive token to read the weights and the live KV once at
-    `bandwidth` (read + write bytes per second of a copy, so reads count twice)."""
+    """Seconds per autoregressive token to move the weights and the live KV once at
+    `bandwidth`, the device-to-device copy rate (bytes read + written per second)."""
     weights = (
         config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
         + config.num_hidden_layers
@@ -197,7 +198,7 @@ def byte_limit_s(config: LlamaConfig, context: int, bandwidth: float) -> float:
         )
     ) * 2  # fmt: skip
     kv = 2 * config.num_hidden_layers * context * config.num_key_value_heads * config.head_dim * 2
-    return 2 * (weights + kv) / bandwidth
+    return (weights + kv) / bandwidth
 
 
 def our_decode(model, prompt, new_tokens: int, repeats: int) -> dict:
@@ -275,13 +276,14 @@ def bench_decode(args, budget: Budget, report: dict, save) -> None:
         except Exception as error:  # noqa: BLE001
             row["error"] = f"{type(error).__name__}: {error}"[:400]
         del model
-        if not args.skip_hf and budget.left() > 120:
+        rows.append(row)
+        save(report)
+        if "decode" in args.hf and budget.left() > 120:
             try:
                 with hf_model(config) as hf:
                     row.update(hf_decode(hf, prompt, args.new_tokens))
             except Exception as error:  # noqa: BLE001
                 row["hf_error"] = f"{type(error).__name__}: {error}"[:400]
-        rows.append(row)
         print(f"  decode {row}", file=sys.stderr)
         save(report)
 
@@ -313,7 +315,7 @@ def bench_matmul(args, report: dict, save) -> None:
                     lambda x, *ws: [x @ w for w in ws], [(x, *parts)], iters=200
                 )["median_s"]
                 one = _timing.loop_time(lambda x, w: x @ w, [(x, fused)], iters=200)["median_s"]
-                limit = 2 * weight_bytes / bandwidth
+                limit = weight_bytes / bandwidth
                 rows.append(
                     {
                         "model": name, "group": group, "rows": m,
@@ -379,11 +381,13 @@ def main(argv=None) -> int:
     parser.add_argument("--gqa-contexts", type=_ints, default=[131072])
     parser.add_argument("--decode-contexts", type=_ints, default=[4096, 32768])
     parser.add_argument("--matmul-rows", type=_ints, default=[1, 5, 9])
-    parser.add_argument("--chunk", type=int, default=8192)
+    parser.add_argument("--chunk", type=int, default=8192, help="0: no chunked prefill run")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for the run")
-    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument(
+        "--hf", default="prefill,decode", help="sections that also run HF ('' for none)"
+    )
     parser.add_argument("--data-dir", default=os.environ.get("SPECATTN_DATA_DIR"))
     parser.add_argument("--tiny", action="store_true", help="toy shapes: a CPU smoke run")
     args = parser.parse_args(argv)

@@ -128,6 +128,7 @@ def cmd_generate(args) -> None:
         key=jax.random.key(args.seed),
         cache_size=args.cache_size,
         mesh=_mesh(args),
+        prefill_chunk=args.prefill_chunk,
     )
     tokens: list[int] = []
     printed = ""
@@ -354,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=0)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--cache-size", type=int, help="KV positions (default: what is needed)")
+    generate.add_argument(
+        "--prefill-chunk", type=int, help="prompt tokens per prefill forward (default: all)"
+    )
     generate.add_argument(
         "--attn-p", type=float, help="SpecAttn: attention mass to keep (enables sparse verify)"
     )

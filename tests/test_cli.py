@@ -45,6 +45,8 @@ def test_generate_autoregressive_and_specattn(capsys):
     assert plain["stats"].get("acceptance_rate") is None  # nothing was drafted
     speculative = run_json(capsys, *common)
     assert speculative["tokens"] == plain["tokens"]  # greedy speculative decoding is exact
+    chunked = run_json(capsys, *common, "--draft", "none", "--prefill-chunk", "4")
+    assert chunked["tokens"] == plain["tokens"]
     sparse = run_json(
         capsys, *common, "--attn-p", "0.5", "--layer-map", str(ASSETS / "layer_map.json")
     )
@@ -113,10 +115,11 @@ def test_demo_json(capsys):
         (["generate", "--prompt", "x", "--mesh", "tensor=2"], "unknown axis 'tensor'"),
         (["eval-ppl", "--method", "nope"], "invalid choice: 'nope'"),
         (["calibrate", "--text", "/nonexistent.txt", "--out", "m.json"], "text not found"),
+        (["generate", "--prompt", "x", "--prefill-chunk", "0"], "prefill_chunk=0 must be"),
     ],
     ids=[
         "missing-checkpoint", "attn-p", "gamma", "prompt-too-long", "mesh-kv-heads",
-        "mesh-devices", "mesh-axis", "method", "calibration-text",
+        "mesh-devices", "mesh-axis", "method", "calibration-text", "prefill-chunk",
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):

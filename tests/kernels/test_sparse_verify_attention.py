@@ -279,19 +279,20 @@ class SparseVerifyAttentionCases(KernelTestBase):
         assert summary.shape == (4, num_queries, seq_len) and summary.dtype == jnp.float32
         assert bool(jnp.isfinite(summary).all()) and bool(jnp.isfinite(out).all())
         # Independent: float64 probabilities over each query's own positions.
-        q64, k64 = np.asarray(q, np.float64), np.asarray(k, np.float64)
         group = num_heads // num_kv_heads
-        logits = np.einsum("bthd,bshd->bhts", q64, np.repeat(k64, group, axis=2)) / 8.0
+        q64 = np.asarray(q, np.float64).reshape(4, num_queries, num_kv_heads, group, 64)
+        k64 = np.asarray(k, np.float64)
+        logits = np.einsum("btkgd,bskd->bkgts", q64, k64, optimize=True) / 8.0
         causal = np.arange(seq_len)[None, None, :] <= (
             np.asarray(lengths)[:, None, None] + np.arange(num_queries)[None, :, None]
         )
-        visible = (read[:, None, :] & causal)[:, None]  # [B, 1, T, S]
-        logits = np.where(visible, logits, -np.inf)
+        visible = read[:, None, :] & causal  # [B, T, S]
+        logits = np.where(visible[:, None, None], logits, -np.inf)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
-        expected = (probs / probs.sum(-1, keepdims=True)).mean(axis=1)
+        expected = (probs / probs.sum(-1, keepdims=True)).mean(axis=(1, 2))
         np.testing.assert_allclose(summary, expected, atol=2e-3 if dtype == "bfloat16" else 1e-5)
         np.testing.assert_allclose(summary.sum(-1), 1.0, rtol=1e-4)
-        assert not np.asarray(summary)[~np.broadcast_to(visible[:, 0], summary.shape)].any()
+        assert not np.asarray(summary)[~visible].any()
         reference = pk.sparse_verify_attention_reference(
             q, k, v, indices, counts, lengths, granularity=granularity, return_summary=True
         )[1]
