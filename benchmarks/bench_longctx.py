@@ -328,41 +328,55 @@ def bench_matmul(args, report: dict, save) -> None:
     save(report)
 
 
+def _table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """A markdown table: the first column left-aligned, the others right."""
+    print(f"\n{title}")
+    print("| " + " | ".join(header) + " |")
+    print("| --- |" + " ---: |" * (len(header) - 1))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def print_tables(report: dict) -> None:
     device = report["device"]
     print(f"\ndevice: {device}, jax {report['jax']}, copy {report['copy_tb_s']:.2f} TB/s")
     if report.get("prefill"):
-        print("\nTime to first token (s), random bf16 weights, batch 1")
-        print("| shape | context | ours, whole | ours, chunks | HF sdpa | ours/HF | HF peak GB |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        rows = []
         for r in report["prefill"]:
             whole, hf = r.get("ttft_whole_s"), r.get("hf_sdpa_prefill_s")
             chunked = next((v for k, v in r.items() if k.startswith("ttft_chunks")), None)
             ratio = f"{whole / hf:.2f}" if whole and hf else "-"
-            print(
-                f"| {r['shape']} | {r['context']} | {_fmt(whole)} | {_fmt(chunked)} | "
-                f"{_fmt(hf)} | {ratio} | {_fmt(r.get('hf_peak_gb'), 1)} |"
-            )
+            rows.append(
+                [r["shape"], str(r["context"]), _fmt(whole), _fmt(chunked), _fmt(hf), ratio,
+                 _fmt(r.get("hf_peak_gb"), 1)]
+            )  # fmt: skip
+        _table(
+            "Time to first token (s), random bf16 weights, batch 1",
+            ["shape", "context", "ours, whole", "ours, chunks", "HF sdpa", "ours/HF", "HF GB"],
+            rows,
+        )
     if report.get("decode"):
-        print("\nAutoregressive decode, Llama-2-7B shape, ms per token (prefill subtracted)")
-        print("| context | ours | byte limit | fraction | HF static cache |")
-        print("| ---: | ---: | ---: | ---: | ---: |")
-        for r in report["decode"]:
-            print(
-                f"| {r['context']} | {_fmt(r.get('decode_ms_per_token'), 2)} | "
-                f"{_fmt(r.get('byte_limit_ms'), 2)} | {_fmt(r.get('fraction_of_byte_limit'))} | "
-                f"{_fmt(r.get('hf_decode_ms_per_token'), 2)} |"
-            )
+        _table(
+            "Autoregressive decode, Llama-2-7B shape, ms per token (prefill subtracted)",
+            ["context", "ours", "byte limit", "fraction", "HF static cache"],
+            [
+                [str(r["context"]), _fmt(r.get("decode_ms_per_token"), 2),
+                 _fmt(r.get("byte_limit_ms"), 2), _fmt(r.get("fraction_of_byte_limit")),
+                 _fmt(r.get("hf_decode_ms_per_token"), 2)]
+                for r in report["decode"]
+            ],
+        )  # fmt: skip
     if report.get("matmul"):
-        print("\nProjections at M rows: microseconds, and fraction of their byte limit")
-        print("| model | group | M | separate | fused | limit | separate frac | fused frac |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for r in report["matmul"]:
-            print(
-                f"| {r['model']} | {r['group']} | {r['rows']} | {r['separate_us']:.1f} | "
-                f"{r['fused_us']:.1f} | {r['byte_limit_us']:.1f} | "
-                f"{r['separate_fraction']:.2f} | {r['fused_fraction']:.2f} |"
-            )
+        _table(
+            "Projections at M rows: microseconds, and fraction of their byte limit",
+            ["model", "group", "M", "separate", "fused", "limit", "separate frac", "fused frac"],
+            [
+                [r["model"], r["group"], str(r["rows"]), _fmt(r["separate_us"], 1),
+                 _fmt(r["fused_us"], 1), _fmt(r["byte_limit_us"], 1),
+                 _fmt(r["separate_fraction"], 2), _fmt(r["fused_fraction"], 2)]
+                for r in report["matmul"]
+            ],
+        )  # fmt: skip
 
 
 def _fmt(value, digits: int = 3) -> str:

@@ -23,6 +23,7 @@ python3 -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__versi
 echo "== GPU tests"
 SPECATTN_REPORT_DIR=$OUT timeout "$TESTS_S" python3 -m pytest -q -s -m gpu tests/kernels \
   tests/test_sparsity_evidence.py tests/test_gpu_exactness.py tests/test_attention.py \
+  tests/test_prefill.py \
   -p no:cacheprovider --durations=10 2>&1 | tee "$OUT/gpu_tests.log" \
   | grep -E "^\{'check'|passed|failed|FAILED|Error" | tail -n 30
 

@@ -171,6 +171,24 @@ def test_generate_with_chunked_prefill_gives_the_same_tokens(verifier):
     assert chunked.stats["accepted"] == whole.stats["accepted"]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a GPU")
+def test_bf16_prefill_through_cudnn_matches_the_blockwise_path():
+    """On a GPU in bf16 the first chunk takes cuDNN; its logits and cache agree with the
+    jnp blockwise path (backend="reference") within bf16 rounding."""
+    model = load_pretrained("bundled:verifier", jnp.bfloat16)[0]
+    tokens, lengths = _padded(_prompts(model.config.vocab_size, [1500, 700], seed=2))
+    runs = {
+        backend: model.prefill(
+            tokens, model.init_cache(2, 1536), num_tokens=lengths, backend=backend
+        )
+        for backend in ("auto", "reference")
+    }
+    (fused, _), (blockwise, _) = runs["auto"], runs["reference"]
+    assert max_relative_error(fused, blockwise) < 3e-2
+    np.testing.assert_array_equal(fused.argmax(-1), blockwise.argmax(-1))
+
+
 @pytest.mark.parametrize("chunk", [0, -8, 2.5])
 def test_a_bad_prefill_chunk_is_one_clear_error(verifier, chunk):
     with pytest.raises(SpecAttnError, match="prefill_chunk"):
