@@ -11,10 +11,14 @@ Sections (`--sections`, each a table and a JSON part):
   decode   autoregressive decoding of `--new-tokens` tokens after the prefill, one jitted
            `generate` call (wall clock, prefill subtracted), against its byte limit (weights
            plus live KV per token over copy bandwidth) and HF's `generate` with a static cache;
+  speculative  autoregressive, dense speculative and SpecAttn decoding end to end (one jitted
+           `generate` each, batch 1 and a ragged batch of 4), their step times, and tokens/s
+           derived at the bundled pair's measured tokens/step;
   matmul   the projections of one layer at M = 1..9 rows, as three (q, k, v) or two (gate,
            up) matmuls and as one fused matmul, against their bytes at copy bandwidth.
 
-    python benchmarks/bench_longctx.py --out longctx.json [--sections prefill,decode,matmul]
+    python benchmarks/bench_longctx.py --out longctx.json
+        [--sections prefill,decode,speculative,matmul] [--tokens-per-step-from bench.json]
         [--contexts 4096,16384,32768] [--gqa-contexts 131072] [--budget SECONDS] [--tiny]
 """
 
@@ -40,7 +44,8 @@ from flax import nnx
 
 from specattn_jax.config import LlamaConfig
 from specattn_jax.model import Llama
-from specattn_jax.speculative import SpecConfig, _generate, _jit_prefill, _setup
+from specattn_jax.selection import SpecAttnSelector
+from specattn_jax.speculative import SpecConfig, _generate, _jit_prefill, _setup, spec_stats
 
 LLAMA3_8B = LlamaConfig(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -75,14 +80,15 @@ def prompt_ids(length: int, data_dir: str | None, vocab_size: int) -> list[int]:
     raise SystemExit(f"the test books hold {len(ids)} tokens, fewer than {length}")
 
 
-def wall_median(fn, *, repeats: int) -> float:
-    """Median wall seconds of `fn()` (which blocks until its result is ready), after a
-    warm-up call that compiles."""
-    fn()
+def wall_median(fn, *, repeats: int, prepare=tuple) -> float:
+    """Median wall seconds of `fn(*prepare())` (which blocks until its result is ready),
+    after a warm-up call that compiles; `prepare` (untimed) makes fresh arguments each call."""
+    fn(*prepare())
     times = []
     for _ in range(repeats):
+        args = prepare()
         start = time.perf_counter()
-        fn()
+        fn(*args)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -104,11 +110,13 @@ def time_to_first_token(model, prompt, *, chunk: int | None, repeats: int) -> fl
     """Median seconds of `generate`'s prefill-and-first-token program (`_jit_prefill`) on one
     prompt, caches fresh each call (set-up excluded)."""
 
-    def run():
-        setup = _setup(None, model, [prompt], SpecConfig(), 1, None, None, None, None, None, chunk)
+    def setup():
+        return (_setup(None, model, [prompt], SpecConfig(), 1, *[None] * 5, chunk),)
+
+    def run(setup):
         jax.block_until_ready(_jit_prefill(*setup.prefill_args).progress.output)
 
-    return wall_median(run, repeats=repeats)
+    return wall_median(run, repeats=repeats, prepare=setup)
 
 
 @contextlib.contextmanager
@@ -201,28 +209,35 @@ def byte_limit_s(config: LlamaConfig, context: int, bandwidth: float) -> float:
     return (weights + kv) / bandwidth
 
 
-def our_decode(model, prompt, new_tokens: int, repeats: int) -> dict:
-    """Wall seconds of one jitted `generate` (prefill + `new_tokens` greedy tokens, no EOS),
-    and of its prefill alone; their difference per token is the decode time."""
+def time_generate(draft, verifier, prompts, config, new_tokens: int, repeats: int) -> dict:
+    """Wall seconds of one jitted `generate` (prefill, then `new_tokens` greedy tokens per
+    prompt, no EOS) and of its prefill-and-first-token program alone; their difference over
+    the loop's steps is the time of a step. With the run's statistics."""
+    last = {}
 
     def setup():
-        return _setup(None, model, [prompt], SpecConfig(), new_tokens, None, None, None, None, None)
+        return (_setup(draft, verifier, prompts, config, new_tokens, *[None] * 5),)
 
-    def whole():
-        run = setup()
+    def whole(run):
         state = _generate(*run.prefill_args, run.selector)
         jax.block_until_ready(state.progress.output)
-        assert int(state.progress.num_generated[0]) == new_tokens, state.progress.num_generated
+        last.update(state=state, run=run)
 
-    def first():
-        run = setup()
+    def first(run):
         jax.block_until_ready(_jit_prefill(*run.prefill_args).progress.output)
 
-    total, prefill = wall_median(whole, repeats=repeats), wall_median(first, repeats=repeats)
+    total = wall_median(whole, repeats=repeats, prepare=setup)
+    prefill = wall_median(first, repeats=repeats, prepare=setup)
+    stats = spec_stats(last["state"], **last["run"].stats_context)
+    assert stats["tokens"] == new_tokens * len(prompts), stats["tokens"]
     return {
         "generate_s": total,
         "prefill_s": prefill,
-        "decode_ms_per_token": 1e3 * (total - prefill) / (new_tokens - 1),
+        "steps": stats["steps"],
+        "step_ms": 1e3 * (total - prefill) / stats["steps"],
+        "tokens_per_s_wall": stats["tokens"] / total,
+        "tokens_per_step": stats["tokens_per_step"],
+        "kv_reduction": stats["kv_reduction"],
     }
 
 
@@ -269,7 +284,10 @@ def bench_decode(args, budget: Budget, report: dict, save) -> None:
         row = {"shape": "llama2-7b", "context": context, "new_tokens": args.new_tokens}
         model = random_model(config, 0)
         try:
-            row.update(our_decode(model, prompt, args.new_tokens, repeats=args.repeats))
+            row.update(
+                time_generate(None, model, [prompt], SpecConfig(), args.new_tokens, args.repeats)
+            )
+            row["decode_ms_per_token"] = row["step_ms"]
             limit = byte_limit_s(config, context + args.new_tokens // 2, bandwidth)
             row["byte_limit_ms"] = 1e3 * limit
             row["fraction_of_byte_limit"] = limit / (row["decode_ms_per_token"] / 1e3)
@@ -286,6 +304,62 @@ def bench_decode(args, budget: Budget, report: dict, save) -> None:
                 row["hf_error"] = f"{type(error).__name__}: {error}"[:400]
         print(f"  decode {row}", file=sys.stderr)
         save(report)
+
+
+# Speculative decoders end to end.
+
+
+def bench_speculative(args, budget: Budget, report: dict, save) -> None:
+    """Autoregressive, dense speculative and SpecAttn decoding of the same prompts, one
+    jitted `generate` each, on the Llama-2-7B / TinyLlama-1.1B shapes. Random weights accept
+    almost nothing, so a decoder's measured step time is what it costs; tokens/s at real
+    acceptance is derived from `--tokens-per-step-from` (a bench_generate.py JSON)."""
+    rows = report.setdefault("speculative", [])
+    verifier = random_model(args.shape(LLAMA2_7B), 0)
+    draft = random_model(args.shape(TINYLLAMA_1B), 1)
+    num_layers, num_draft_layers = (
+        verifier.config.num_hidden_layers, draft.config.num_hidden_layers
+    )  # fmt: skip
+    selector = SpecAttnSelector(
+        attn_p=jnp.float32(args.attn_p),
+        mapping=tuple(j * num_draft_layers // num_layers for j in range(num_layers)),
+        granularity=16,
+    )
+    decoders = {
+        "autoregressive": (None, SpecConfig()),
+        "speculative": (draft, SpecConfig(gamma=args.gamma)),
+        "specattn": (draft, SpecConfig(gamma=args.gamma, selector=selector, granularity=16)),
+    }
+    measured = {}
+    if args.tokens_per_step_from:
+        bundled = json.loads(Path(args.tokens_per_step_from).read_text())["bundled"]["rows"]
+        measured = {name: row["tokens_per_step"] for name, row in bundled.items()}
+    cases = [(context, [context]) for context in args.spec_contexts]
+    if args.ragged_batch:
+        longest = max(args.ragged_batch)
+        cases.append((longest, args.ragged_batch))
+    for context, lengths in cases:
+        prompts = [prompt_ids(n, args.data_dir, verifier.config.vocab_size) for n in lengths]
+        for name, (draft_model, config) in decoders.items():
+            if budget.left() < 90:
+                rows.append({"decoder": name, "prompt_lengths": lengths, "skipped": "time"})
+                continue
+            row = {"decoder": name, "context": context, "prompt_lengths": lengths}
+            try:
+                row.update(
+                    time_generate(
+                        draft_model, verifier, prompts, config, args.new_tokens, args.repeats
+                    )
+                )
+                if name in measured:
+                    row["derived_tokens_per_s"] = (
+                        len(prompts) * measured[name] / (row["step_ms"] / 1e3)
+                    )
+            except Exception as error:  # noqa: BLE001
+                row["error"] = f"{type(error).__name__}: {error}"[:400]
+            rows.append(row)
+            print(f"  speculative {row}", file=sys.stderr)
+            save(report)
 
 
 # Small-batch matmuls.
@@ -366,6 +440,18 @@ def print_tables(report: dict) -> None:
                 for r in report["decode"]
             ],
         )  # fmt: skip
+    if report.get("speculative"):
+        _table(
+            "Decoders end to end, Llama-2-7B + TinyLlama-1.1B shapes, random weights "
+            "(derived tokens/s: this step time at the bundled pair's tokens/step)",
+            ["prompts", "decoder", "step ms", "wall tok/s", "derived tok/s", "KV reduction"],
+            [
+                [",".join(map(str, r["prompt_lengths"])), r["decoder"],
+                 _fmt(r.get("step_ms"), 2), _fmt(r.get("tokens_per_s_wall"), 1),
+                 _fmt(r.get("derived_tokens_per_s"), 1), _fmt(r.get("kv_reduction"))]
+                for r in report["speculative"]
+            ],
+        )  # fmt: skip
     if report.get("matmul"):
         _table(
             "Projections at M rows: microseconds, and fraction of their byte limit",
@@ -390,13 +476,23 @@ def _ints(text: str) -> list[int]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_longctx.json")
-    parser.add_argument("--sections", default="prefill,decode,matmul")
+    parser.add_argument("--sections", default="prefill,decode,speculative,matmul")
     parser.add_argument("--contexts", type=_ints, default=[4096, 16384, 32768])
     parser.add_argument("--gqa-contexts", type=_ints, default=[131072])
     parser.add_argument("--decode-contexts", type=_ints, default=[4096, 32768])
     parser.add_argument("--matmul-rows", type=_ints, default=[1, 5, 9])
     parser.add_argument("--chunk", type=int, default=8192, help="0: no chunked prefill run")
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--spec-contexts", type=_ints, default=[4096, 32768])
+    parser.add_argument(
+        "--ragged-batch", type=_ints, default=[16384, 12288, 8192, 4096],
+        help="prompt lengths of one ragged batch ('' for none)",
+    )  # fmt: skip
+    parser.add_argument("--gamma", type=int, default=4)
+    parser.add_argument("--attn-p", type=float, default=0.97)
+    parser.add_argument(
+        "--tokens-per-step-from", help="bench_generate.py JSON: tokens/step of the bundled pair"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for the run")
     parser.add_argument(
@@ -428,6 +524,8 @@ def main(argv=None) -> int:
         bench_prefill(args, budget, report, save)
     if "decode" in sections:
         bench_decode(args, budget, report, save)
+    if "speculative" in sections:
+        bench_speculative(args, budget, report, save)
     save(report)
     print_tables(report)
     return 0
