@@ -63,6 +63,10 @@ from specattn_jax.selection import (
 )
 from specattn_jax.selection.specattn import AGGREGATES
 
+# A layer map calibrated on the prompts uses at most this many leading tokens of each:
+# calibration holds every layer's attention over its tokens, f32[L, T, T].
+CALIBRATION_TOKENS = 1024
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SpecConfig:
@@ -78,7 +82,8 @@ class SpecConfig:
         the gamma attention rows, then one selection.
       sinks: leading positions every sparse layer reads.
       recent: most recent context positions every sparse layer reads.
-      layer_map: the calibrated verifier -> draft layer map; None calibrates on the prompts.
+      layer_map: the calibrated verifier -> draft layer map; None calibrates on the prompts
+        (their first `CALIBRATION_TOKENS` tokens each).
       selector: another selection method (a baseline); overrides attn_p.
       backend: "auto" (Pallas kernels on GPU, references elsewhere), "pallas", "reference".
     """
@@ -132,7 +137,7 @@ class SpecConfig:
             )
         layer_map, origin = self.layer_map, "given"
         if layer_map is None:
-            usable = [p for p in calibration_prompts if len(p) >= 2]
+            usable = [p[:CALIBRATION_TOKENS] for p in calibration_prompts if len(p) >= 2]
             if not usable:
                 raise SpecAttnError(
                     "no layer map given and no prompt of 2+ tokens to calibrate one on"

@@ -156,6 +156,25 @@ def test_without_layer_map_calibrates_on_the_prompts(pair):
     assert stats["layer_map"] == "calibrated on the prompts"
 
 
+def test_calibration_on_long_prompts_uses_their_first_tokens(pair, monkeypatch):
+    """A long prompt calibrates on its first CALIBRATION_TOKENS tokens: calibration holds
+    [T, T] attention per layer, which a long context would not fit."""
+    from specattn_jax import speculative
+
+    draft, verifier, _, layer_map = pair
+    seen = []
+
+    def recording(draft, verifier, sequences, **kwargs):
+        seen.extend(len(s) for s in sequences)
+        return layer_map
+
+    monkeypatch.setattr(speculative, "CALIBRATION_TOKENS", 40)
+    monkeypatch.setattr(speculative, "calibrate", recording)
+    prompts = [list(range(3, 103)), list(range(3, 23))]
+    SpecConfig(attn_p=0.9).build_selector(draft, verifier, prompts)
+    assert seen == [40, 20]
+
+
 # Bad input.
 
 
