@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -65,9 +66,9 @@ class Budget:
         return self.deadline - time.perf_counter()
 
 
-def prompt_ids(length: int, data_dir: str | None, vocab_size: int) -> list[int]:
-    """`length` token ids of test-book text (the bundled tokenizer), books joined in order
-    (taken modulo the vocabulary for the toy shapes of `--tiny`)."""
+@functools.cache
+def _test_book_ids(data_dir: str | None) -> tuple[int, ...]:
+    """Every test book tokenized by the bundled tokenizer, joined in order (read once)."""
     from specattn_jax.data import load_split_texts
     from specattn_jax.loading import ASSETS, load_tokenizer
 
@@ -75,9 +76,16 @@ def prompt_ids(length: int, data_dir: str | None, vocab_size: int) -> list[int]:
     ids: list[int] = []
     for text in load_split_texts("test", data_dir):
         ids += tokenizer(text)["input_ids"]
-        if len(ids) >= length:
-            return [i % vocab_size for i in ids[:length]]
-    raise SystemExit(f"the test books hold {len(ids)} tokens, fewer than {length}")
+    return tuple(ids)
+
+
+def prompt_ids(length: int, data_dir: str | None, vocab_size: int) -> list[int]:
+    """`length` token ids of test-book text (the bundled tokenizer), books joined in order
+    (taken modulo the vocabulary for the toy shapes of `--tiny`)."""
+    ids = _test_book_ids(data_dir)
+    if len(ids) < length:
+        raise SystemExit(f"the test books hold {len(ids)} tokens, fewer than {length}")
+    return [i % vocab_size for i in ids[:length]]
 
 
 def wall_median(fn, *, repeats: int, prepare=tuple) -> float:

@@ -304,14 +304,9 @@ def blockwise_attention(
     return out[:, :num_tokens], reads.max(axis=0)
 
 
-def use_cudnn(backend: str, dtype: jnp.dtype, head_dim: int) -> bool:
-    """Whether prefill may use cuDNN's fused attention: a CUDA GPU with the kernels on, a
-    16-bit dtype and a head dim cuDNN takes."""
-    return (
-        pallas_kernels.resolve_backend(backend) == "pallas"
-        and jnp.dtype(dtype) in _CUDNN_DTYPES
-        and head_dim in _CUDNN_HEAD_DIMS
-    )
+def cudnn_takes(dtype: jnp.dtype, head_dim: int) -> bool:
+    """Whether cuDNN's fused attention takes this dtype (16-bit) and head dim."""
+    return jnp.dtype(dtype) in _CUDNN_DTYPES and head_dim in _CUDNN_HEAD_DIMS
 
 
 def prefill_attention(
@@ -331,10 +326,10 @@ def prefill_attention(
     `blockwise_attention`. Returns the output [B, T, H, D] and the positions read i32[B].
     """
     num_tokens, head_dim = q.shape[1], q.shape[-1]
-    platform = "gpu" if pallas_kernels.resolve_backend(backend) == "pallas" else "cpu"
-    block_q, block_k = PREFILL_BLOCKS[platform]
+    on_gpu = pallas_kernels.resolve_backend(backend) == "pallas"
+    block_q, block_k = PREFILL_BLOCKS["gpu" if on_gpu else "cpu"]
     blockwise = functools.partial(blockwise_attention, block_q=block_q, block_k=block_k)
-    if not use_cudnn(backend, q.dtype, head_dim) or num_tokens > k.shape[1]:
+    if not (on_gpu and cudnn_takes(q.dtype, head_dim)) or num_tokens > k.shape[1]:
         return blockwise(q, k, v, context_lengths)
 
     def fused(q, k, v, context_lengths):

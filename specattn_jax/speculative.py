@@ -288,15 +288,14 @@ def draft_tokens(
     of the gamma queries that produced a draft, in the draft layers `attention_layers` (only
     those compute them).
     """
-    return_attention = tuple(attention_layers)
-    logits, cache, info = draft(last_two, cache, return_attention=return_attention)
+    logits, cache, info = draft(last_two, cache, return_attention=attention_layers)
     first = rule.sample(logits[:, 1], jax.random.fold_in(key, 0))
 
     def one_token(carry, index):
         token, cache = carry
-        logits, cache, info = draft(token[:, None], cache, return_attention=return_attention)
+        logits, cache, info = draft(token[:, None], cache, return_attention=attention_layers)
         next_token = rule.sample(logits[:, 0], jax.random.fold_in(key, index))
-        attention = info.attention[:, :, 0] if return_attention else None
+        attention = info.attention[:, :, 0] if attention_layers else None
         return (next_token, cache), (token, logits[:, 0], attention, info.kv_read.sum(0))
 
     (last, cache), (tokens, step_logits, step_attention, step_reads) = jax.lax.scan(
@@ -306,7 +305,7 @@ def draft_tokens(
     tokens = jnp.concatenate([tokens.T, last[:, None]], axis=1)
     all_logits = jnp.concatenate([logits[:, 1:2], step_logits.transpose(1, 0, 2)], axis=1)
     all_attention = None
-    if return_attention:
+    if attention_layers:
         all_attention = jnp.concatenate([info.attention[None, :, :, 1], step_attention], axis=0)
     kv_read = info.kv_read.sum(0) + step_reads.sum(0)
     return Drafts(tokens, all_logits, all_attention, cache, kv_read)
