@@ -51,6 +51,19 @@ from specattn_jax.config import LlamaConfig
 _INIT_STD = 0.02
 
 
+def linear(equation: str, x: jax.Array, weight: jax.Array) -> jax.Array:
+    """`jnp.einsum(equation, x, weight)` for activations x [B, T, ...] and a weight.
+
+    A single row (B = T = 1, one decode token) is multiplied as two copies of itself: XLA's
+    GPU compiler turns a vector-matrix product with a weight under 10M elements into a
+    multiply and a reduce, which ran at half the speed of its matmul on an H200 (the draft's
+    projections at 2048 wide; `benchmarks/profile_step.py`). Larger weights are unaffected.
+    """
+    if x.shape[0] * x.shape[1] != 1:
+        return jnp.einsum(equation, x, weight)
+    return jnp.einsum(equation, jnp.concatenate([x, x], axis=1), weight)[:, :1]
+
+
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], dtype, std: float = _INIT_STD) -> nnx.Param:
     return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
 
@@ -142,7 +155,13 @@ class LayerResult:
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention; weights in einsum layouts `[E, H, D]` and `[H, D, E]`."""
+    """Grouped-query self-attention.
+
+    The query, key and value projections are one array, `qkv_proj` [E, H_kv, G + 2, D]: for
+    each KV head, its G = H / H_kv query heads, then its key and its value. One matmul makes
+    all three (at decode, one weight read instead of three launches), and a mesh that splits
+    the KV heads splits it with them. Checkpoints keep them apart (`convert._params`).
+    """
 
     def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
         embed, heads, kv_heads, dim = (
@@ -151,16 +170,22 @@ class Attention(nnx.Module):
             config.num_key_value_heads,
             config.head_dim,
         )
-        self.q_proj = _param(rngs, (embed, heads, dim), dtype)
-        self.k_proj = _param(rngs, (embed, kv_heads, dim), dtype)
-        self.v_proj = _param(rngs, (embed, kv_heads, dim), dtype)
+        slots = heads // kv_heads + 2
+        self.qkv_proj = _param(rngs, (embed, kv_heads, slots, dim), dtype)
         self.o_proj = _param(rngs, (heads, dim, embed), dtype)
         if config.attention_bias:
-            self.q_bias = nnx.Param(jnp.zeros((heads, dim), dtype))
-            self.k_bias = nnx.Param(jnp.zeros((kv_heads, dim), dtype))
-            self.v_bias = nnx.Param(jnp.zeros((kv_heads, dim), dtype))
+            self.qkv_bias = nnx.Param(jnp.zeros((kv_heads, slots, dim), dtype))
             self.o_bias = nnx.Param(jnp.zeros((embed,), dtype))
         self.use_bias = config.attention_bias
+
+    def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries [B, T, H, D], keys and values [B, T, H_kv, D] of x [B, T, E] (no RoPE)."""
+        qkv = linear("bte,eksd->btksd", x, self.qkv_proj[...])
+        if self.use_bias:
+            qkv = qkv + self.qkv_bias[...]
+        batch, seq, kv_heads, slots, dim = qkv.shape
+        q = qkv[:, :, :, :-2].reshape(batch, seq, kv_heads * (slots - 2), dim)
+        return q, qkv[:, :, :, -2], qkv[:, :, :, -1]
 
     def __call__(
         self,
@@ -172,11 +197,7 @@ class Attention(nnx.Module):
         """Projections and RoPE, the cache write, then `inputs.attend` over what the plan says
         this layer reads. Returns the output [B, T, E] and the `LayerResult`."""
         with jax.named_scope("qkv"):
-            q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...])
-            k = jnp.einsum("bte,ehd->bthd", x, self.k_proj[...])
-            v = jnp.einsum("bte,ehd->bthd", x, self.v_proj[...])
-            if self.use_bias:
-                q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+            q, k, v = self.qkv(x)
         with jax.named_scope("rope"):
             q = apply_rope(q, inputs.positions, inputs.inv_freq)
             k = apply_rope(k, inputs.positions, inputs.inv_freq)
@@ -199,32 +220,31 @@ class Attention(nnx.Module):
                 backend=inputs.backend,
                 return_summary=layer_index in inputs.summary_layers,
             )
-        out = jnp.einsum("bthd,hde->bte", attention.out.astype(x.dtype), self.o_proj[...])
+        out = linear("bthd,hde->bte", attention.out.astype(x.dtype), self.o_proj[...])
         if self.use_bias:
             out = out + self.o_bias[...]
         return out, LayerResult(cache, attention, q)
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), the gate and up projections one
+    array `gate_up_proj` [E, 2, F] (one matmul)."""
 
     def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
         embed, ffn = config.hidden_size, config.intermediate_size
-        self.gate_proj = _param(rngs, (embed, ffn), dtype)
-        self.up_proj = _param(rngs, (embed, ffn), dtype)
+        self.gate_up_proj = _param(rngs, (embed, 2, ffn), dtype)
         self.down_proj = _param(rngs, (ffn, embed), dtype)
         if config.mlp_bias:
-            self.gate_bias = nnx.Param(jnp.zeros((ffn,), dtype))
-            self.up_bias = nnx.Param(jnp.zeros((ffn,), dtype))
+            self.gate_up_bias = nnx.Param(jnp.zeros((2, ffn), dtype))
             self.down_bias = nnx.Param(jnp.zeros((embed,), dtype))
         self.use_bias = config.mlp_bias
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, E] -> [B, T, E]
-        gate = x @ self.gate_proj[...]
-        up = x @ self.up_proj[...]
+        gate_up = linear("bte,euf->btuf", x, self.gate_up_proj[...])
         if self.use_bias:
-            gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
-        out = (jax.nn.silu(gate) * up) @ self.down_proj[...]
+            gate_up = gate_up + self.gate_up_bias[...]
+        hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
+        out = linear("btf,fe->bte", hidden, self.down_proj[...])
         return out + self.down_bias[...] if self.use_bias else out
 
 

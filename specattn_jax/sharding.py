@@ -139,24 +139,22 @@ CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")  # [B, S, H_kv, D]
 QUERY_AXES = ("batch", "seq", "q_heads", "head_dim")  # [B, T, H, D]
 
 # Parameter path (dotted) -> logical axes of its array, in `model.py`'s layouts.
-PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
+PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"embed_tokens", ("vocab", "embed")),
     (r"lm_head", ("embed", "vocab")),
     (r"norm\.weight|layers\.\d+\.\w+_layernorm\.weight", ("embed",)),
-    (r"layers\.\d+\.self_attn\.q_proj", ("embed", "q_heads", "head_dim")),
-    (r"layers\.\d+\.self_attn\.[kv]_proj", ("embed", "kv_heads", "head_dim")),
+    (r"layers\.\d+\.self_attn\.qkv_proj", ("embed", "kv_heads", None, "head_dim")),
     (r"layers\.\d+\.self_attn\.o_proj", ("q_heads", "head_dim", "embed")),
-    (r"layers\.\d+\.self_attn\.q_bias", ("q_heads", "head_dim")),
-    (r"layers\.\d+\.self_attn\.[kv]_bias", ("kv_heads", "head_dim")),
+    (r"layers\.\d+\.self_attn\.qkv_bias", ("kv_heads", None, "head_dim")),
     (r"layers\.\d+\.self_attn\.o_bias", ("embed",)),
-    (r"layers\.\d+\.mlp\.(gate|up)_proj", ("embed", "ffn")),
-    (r"layers\.\d+\.mlp\.(gate|up)_bias", ("ffn",)),
+    (r"layers\.\d+\.mlp\.gate_up_proj", ("embed", None, "ffn")),
+    (r"layers\.\d+\.mlp\.gate_up_bias", (None, "ffn")),
     (r"layers\.\d+\.mlp\.down_proj", ("ffn", "embed")),
     (r"layers\.\d+\.mlp\.down_bias", ("embed",)),
 )
 
 
-def param_axes(path: tuple) -> tuple[str, ...]:
+def param_axes(path: tuple) -> tuple[str | None, ...]:
     """The logical axes of a parameter, by its path; raises for a path no rule covers."""
     dotted = ".".join(str(p) for p in path)
     for pattern, axes in PARAM_AXES:
@@ -166,7 +164,11 @@ def param_axes(path: tuple) -> tuple[str, ...]:
 
 
 def _divisible_spec(
-    logical_axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, rules: ShardingRules, what
+    logical_axes: tuple[str | None, ...],
+    shape: tuple[int, ...],
+    mesh: Mesh,
+    rules: ShardingRules,
+    what,
 ) -> P:
     """`rules.spec(logical_axes)`, checked against the shape: heads and batch must divide
     evenly (a `SpecAttnError` otherwise), other axes fall back to replicated."""

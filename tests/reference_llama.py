@@ -12,9 +12,11 @@ import dataclasses
 
 import numpy as np
 
+from specattn_jax.convert._params import params_of
 
-def _f64(param) -> np.ndarray:
-    return np.asarray(param[...], np.float64)
+
+def _f64(array) -> np.ndarray:
+    return np.asarray(array, np.float64)
 
 
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -49,22 +51,25 @@ class ReferenceLlama:
         if config.rope_scaling is not None or config.attention_bias or config.mlp_bias:
             raise NotImplementedError("the reference covers plain Llamas only")
         self.config = config
-        self.embed = _f64(model.embed_tokens)
-        self.head = self.embed.T if config.tie_word_embeddings else _f64(model.lm_head)
-        self.final_norm = _f64(model.norm.weight)
+        # The HF-shaped parameters (q, k, v, gate and up apart), not the model's fused arrays.
+        params = {path: _f64(value) for path, value in params_of(model).items()}
+        self.embed = params[("embed_tokens",)]
+        self.head = self.embed.T if config.tie_word_embeddings else params[("lm_head",)]
+        self.final_norm = params[("norm", "weight")]
+        names = dict(
+            attn_norm=("input_layernorm", "weight"),
+            q=("self_attn", "q_proj"),  # [E, H, D]
+            k=("self_attn", "k_proj"),  # [E, H_kv, D]
+            v=("self_attn", "v_proj"),
+            o=("self_attn", "o_proj"),  # [H, D, E]
+            mlp_norm=("post_attention_layernorm", "weight"),
+            gate=("mlp", "gate_proj"),  # [E, F]
+            up=("mlp", "up_proj"),
+            down=("mlp", "down_proj"),  # [F, E]
+        )
         self.layers = [
-            dict(
-                attn_norm=_f64(layer.input_layernorm.weight),
-                q=_f64(layer.self_attn.q_proj),  # [E, H, D]
-                k=_f64(layer.self_attn.k_proj),  # [E, H_kv, D]
-                v=_f64(layer.self_attn.v_proj),
-                o=_f64(layer.self_attn.o_proj),  # [H, D, E]
-                mlp_norm=_f64(layer.post_attention_layernorm.weight),
-                gate=_f64(layer.mlp.gate_proj),
-                up=_f64(layer.mlp.up_proj),
-                down=_f64(layer.mlp.down_proj),
-            )
-            for layer in model.layers
+            {name: params[("layers", i, *path)] for name, path in names.items()}
+            for i in range(config.num_hidden_layers)
         ]
         dim = config.head_dim
         self.inv_freq = 1.0 / config.rope_theta ** (np.arange(0, dim, 2) / dim)

@@ -146,16 +146,20 @@ def test_parameters_are_placed_sharded_as_they_load(tmp_path):
     save_hf_model(model, tmp_path)
     mesh = sharding.make_mesh("model=2")
     placed, _ = load_sharded(tmp_path, mesh)
-    q_proj = placed.layers[0].self_attn.q_proj[...]
-    assert q_proj.sharding.spec == jax.sharding.PartitionSpec(None, "model", None)
-    assert {s.data.shape for s in q_proj.addressable_shards} == {(32, 2, 8)}
+    # The fused [E, H_kv, G + 2, D] projections split with the KV heads: each device holds
+    # its KV head's query heads, key and value.
+    qkv = placed.layers[0].self_attn.qkv_proj[...]
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "model", None, None)
+    assert {s.data.shape for s in qkv.addressable_shards} == {(32, 1, 4, 8)}
+    gate_up = placed.layers[0].mlp.gate_up_proj[...]
+    assert gate_up.sharding.spec == jax.sharding.PartitionSpec(None, None, "model")
     down = placed.layers[0].mlp.down_proj[...]
     assert down.sharding.spec == jax.sharding.PartitionSpec("model", None)
     np.testing.assert_array_equal(
-        np.asarray(q_proj), np.asarray(model.layers[0].self_attn.q_proj[...])
+        np.asarray(qkv), np.asarray(model.layers[0].self_attn.qkv_proj[...])
     )
     draft = sharding.replicate_model(model, mesh)
-    assert draft.layers[0].self_attn.q_proj[...].sharding.is_fully_replicated
+    assert draft.layers[0].self_attn.qkv_proj[...].sharding.is_fully_replicated
 
 
 def test_mesh_that_does_not_divide_the_kv_heads_is_an_error():
