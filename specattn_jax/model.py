@@ -51,15 +51,19 @@ from specattn_jax.config import LlamaConfig
 _INIT_STD = 0.02
 
 
+# XLA's GPU compiler turns a vector-matrix product whose operands hold fewer elements than
+# this into a multiply and a reduce (its `DotStrengthReduction` pass).
+_XLA_VECTOR_DOT_LIMIT = 10_000_000
+
+
 def linear(equation: str, x: jax.Array, weight: jax.Array) -> jax.Array:
     """`jnp.einsum(equation, x, weight)` for activations x [B, T, ...] and a weight.
 
-    A single row (B = T = 1, one decode token) is multiplied as two copies of itself: XLA's
-    GPU compiler turns a vector-matrix product with a weight under 10M elements into a
-    multiply and a reduce, which ran at half the speed of its matmul on an H200 (the draft's
-    projections at 2048 wide; `benchmarks/profile_step.py`). Larger weights are unaffected.
+    A single row (B = T = 1, one decode token) times a weight under XLA's limit is multiplied
+    as two copies of itself: as a multiply and a reduce, the draft's 2048-wide projections ran
+    at half the speed of XLA's matmul on an H200 (`benchmarks/profile_step.py`).
     """
-    if x.shape[0] * x.shape[1] != 1:
+    if x.shape[0] * x.shape[1] != 1 or x.size + weight.size >= _XLA_VECTOR_DOT_LIMIT:
         return jnp.einsum(equation, x, weight)
     return jnp.einsum(equation, jnp.concatenate([x, x], axis=1), weight)[:, :1]
 
