@@ -2,7 +2,8 @@
 # One GPU session in one call: every GPU test (kernels, sparsity evidence, exactness), then
 # the benchmarks, each under its own time limit, logs and JSON under $OUT (default
 # runs/device). BENCHMARKS lists which run (default generate,kernels,read_counts; also
-# longctx, with LONGCTX_ARGS; "none" for the tests alone).
+# longctx, with LONGCTX_ARGS, and profile, the per-kernel split of a draft phase and a
+# decode step; "none" for the tests alone). The whole GPU test list takes about 400 s.
 #
 #   SPECATTN_DATA_DIR=path/to/gutenberg bash benchmarks/device_session.sh
 #
@@ -13,8 +14,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/device}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-TESTS_S=${TESTS_S:-240} GENERATE_S=${GENERATE_S:-200} KERNELS_S=${KERNELS_S:-110}
-COUNTS_S=${COUNTS_S:-60} LONGCTX_S=${LONGCTX_S:-300}
+TESTS_S=${TESTS_S:-480} GENERATE_S=${GENERATE_S:-200} KERNELS_S=${KERNELS_S:-110}
+COUNTS_S=${COUNTS_S:-60} LONGCTX_S=${LONGCTX_S:-300} PROFILE_S=${PROFILE_S:-150}
 BENCHMARKS=${BENCHMARKS:-generate,kernels,read_counts}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -50,4 +51,10 @@ if [[ $BENCHMARKS == *longctx* ]]; then
   echo "== bench_longctx"
   timeout "$LONGCTX_S" python3 benchmarks/bench_longctx.py --out "$OUT/bench_longctx.json" \
     --budget $((LONGCTX_S - 20)) ${LONGCTX_ARGS:-} 2>&1 | tee "$OUT/bench_longctx.log" | tail -n 40
+fi
+
+if [[ $BENCHMARKS == *profile* ]]; then
+  echo "== profile_step"
+  timeout "$PROFILE_S" python3 benchmarks/profile_step.py --out "$OUT/profile_step.json" \
+    2>&1 | tee "$OUT/profile_step.log" | grep -vE "^(WARNING|I1|W1)" | tail -n 70
 fi

@@ -104,7 +104,10 @@ def _exact_joint(verifier, sampling, prompt, length):
     ids=["t1", "t0.7-topk4-topp0.9"],
 )
 def test_speculative_sampling_preserves_verifier_distribution(sampling):
-    verifier, draft = _peaky_model(seed=11), _peaky_model(seed=12)
+    # Two independent random models. This pair accepts 20-30% of the drafts under both
+    # samplings (both branches of the rule, accept and resample, are drawn often), and the
+    # verifier spreads its mass over enough continuations for the chi-square test.
+    verifier, draft = _peaky_model(seed=15), _peaky_model(seed=16)
     prompt = [1, 3, 0]
     samples = 20_000
     result = generate(

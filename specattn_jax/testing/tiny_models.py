@@ -85,13 +85,19 @@ def tiny_llama(seed: int = 0, dtype=jnp.float32, **config_kwargs) -> Llama:
     return Llama(config, dtype=dtype, rngs=nnx.Rngs(seed))
 
 
+def _path_order(item) -> list:
+    """Parameter paths in a fixed order (integers before names at each level), whatever
+    the model's internal layout."""
+    return [(isinstance(part, str), part) for part in item[0]]
+
+
 def perturbed_copy(model: Llama, scale: float = 0.3, seed: int = 1) -> Llama:
     """A copy of `model` with relative Gaussian noise (`scale`) on every weight, in the
     model's dtype: a draft that agrees with the model often but not always."""
     keys = iter(jax.random.split(jax.random.key(seed), 1000))
     noisy = {
         path: value * (1 + scale * jax.random.normal(next(keys), value.shape, value.dtype))
-        for path, value in params_of(model).items()
+        for path, value in sorted(params_of(model).items(), key=_path_order)
     }
     return model_from_params(model.config, noisy, model.dtype, source="perturbed copy")
 
