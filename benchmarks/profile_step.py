@@ -4,7 +4,7 @@ shape) and of one autoregressive step (Llama-2-7B shape), summarised per GPU ker
 Random bf16 weights and caches of random keys (bench_generate.py's steps): the kernels and
 bytes are those of a real run; only the values differ. For each step, after a warm-up,
 `--steps` calls run under `jax.profiler.trace`; the trace's GPU kernels are grouped by name
-(total and mean microseconds per step, launches per step) beside the wall time per step, so
+(microseconds and launches per step) beside the wall time per step, so
 the gap between them (launch and host overhead) shows too.
 
     python benchmarks/profile_step.py --out profile.json [--trace-dir DIR] [--tiny]

@@ -38,10 +38,10 @@ def _model_params(model: Llama) -> dict[ParamPath, jax.Array]:
 #   gate_bias / up_bias [F]                         <->  gate_up_bias [2, F]
 # (G = H / H_kv; query head h belongs to KV head h // G, as in HF's `repeat_kv`.)
 _FUSED = {
-    ("self_attn", "qkv_proj"): ("self_attn", ("q_proj", "k_proj", "v_proj")),
-    ("self_attn", "qkv_bias"): ("self_attn", ("q_bias", "k_bias", "v_bias")),
-    ("mlp", "gate_up_proj"): ("mlp", ("gate_proj", "up_proj")),
-    ("mlp", "gate_up_bias"): ("mlp", ("gate_bias", "up_bias")),
+    ("self_attn", "qkv_proj"): ("q_proj", "k_proj", "v_proj"),
+    ("self_attn", "qkv_bias"): ("q_bias", "k_bias", "v_bias"),
+    ("mlp", "gate_up_proj"): ("gate_proj", "up_proj"),
+    ("mlp", "gate_up_bias"): ("gate_bias", "up_bias"),
 }
 
 
@@ -72,7 +72,7 @@ def fuse_params(config: LlamaConfig, params: Mapping[ParamPath, object]) -> dict
     """HF-shaped parameters (separate q, k, v, gate, up) in the model's fused layout."""
     fused = dict(params)
     for layer in range(config.num_hidden_layers):
-        for (module, name), (_, parts) in _FUSED.items():
+        for (module, name), parts in _FUSED.items():
             paths = [("layers", layer, module, part) for part in parts]
             if all(path in fused for path in paths):
                 arrays = [fused.pop(path) for path in paths]
@@ -82,14 +82,13 @@ def fuse_params(config: LlamaConfig, params: Mapping[ParamPath, object]) -> dict
     return fused
 
 
-def unfuse_params(
-    config: LlamaConfig, params: Mapping[ParamPath, object]
-) -> dict[ParamPath, object]:
+def unfuse_params(params: Mapping[ParamPath, object]) -> dict[ParamPath, object]:
     """The model's parameters with fused arrays split back into HF-shaped ones."""
     out = {}
     for path, value in params.items():
         if path[0] == "layers" and tuple(path[2:]) in _FUSED:
-            module, parts = _FUSED[tuple(path[2:])]
+            module = path[2]
+            parts = _FUSED[tuple(path[2:])]
             for part, array in zip(parts, _split(value, module == "self_attn"), strict=True):
                 out[(*path[:2], module, part)] = array
         else:
@@ -97,11 +96,14 @@ def unfuse_params(
     return out
 
 
+def _hf_shapes(model_params: Mapping[ParamPath, object]) -> dict[ParamPath, tuple[int, ...]]:
+    unfused = jax.eval_shape(unfuse_params, dict(model_params))
+    return {path: tuple(value.shape) for path, value in unfused.items()}
+
+
 def param_shapes(config: LlamaConfig) -> dict[ParamPath, tuple[int, ...]]:
     """Every HF-shaped parameter path (q, k, v, gate and up apart) with its shape."""
-    abstract = _model_params(abstract_model(config, jnp.float32))
-    unfused = jax.eval_shape(lambda params: unfuse_params(config, params), abstract)
-    return {path: tuple(value.shape) for path, value in unfused.items()}
+    return _hf_shapes(_model_params(abstract_model(config, jnp.float32)))
 
 
 def model_from_params(
@@ -117,7 +119,9 @@ def model_from_params(
     mismatch. `place(path, array)` puts each of the model's (fused) arrays on device(s)
     (default: `jnp.asarray`).
     """
-    shapes = param_shapes(config)
+    graphdef, state = nnx.split(abstract_model(config, dtype))
+    flat = nnx.to_flat_state(state)
+    shapes = _hf_shapes({path: var.get_value() for path, var in flat})
     missing = sorted(set(shapes) - set(params), key=str)
     if missing:
         raise CheckpointError(f"{source}: missing tensors for {[_dotted(p) for p in missing]}")
@@ -132,16 +136,13 @@ def model_from_params(
             )
     fused = fuse_params(config, params)
     place = place or (lambda path, array: jnp.asarray(array, dtype))
-    graphdef, state = nnx.split(abstract_model(config, dtype))
-    filled = [
-        (path, var.replace(place(path, fused[path]))) for path, var in nnx.to_flat_state(state)
-    ]
+    filled = [(path, var.replace(place(path, fused[path]))) for path, var in flat]
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
 def params_of(model: Llama) -> dict[ParamPath, jax.Array]:
     """The model's parameters as a flat {path: array} dict, HF-shaped (`param_shapes`)."""
-    return unfuse_params(model.config, _model_params(model))
+    return unfuse_params(_model_params(model))
 
 
 def _dotted(path: ParamPath) -> str:
