@@ -42,7 +42,11 @@ import pallas_kernels as pk
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
 
-MODELS = {"llama2-7b": (32, 32, 128), "llama3-8b": (32, 8, 128)}  # H, H_kv, D
+MODELS = {  # H, H_kv, D
+    "llama2-7b": (32, 32, 128),
+    "llama3-8b": (32, 8, 128),
+    "tinyllama-1.1b": (32, 4, 64),  # the draft of bench_generate and bench_longctx
+}
 L2_BYTES = 50 << 20
 ROTATE_BYTES = 256 << 20  # aim for this much distinct data per loop iteration
 MAX_SETS = 4
@@ -218,21 +222,30 @@ class Bench:
         self.log(f"copy: {json.dumps(self.copy)}")
         self.save()
 
-    def run_sweep(self):
-        shapes = [
-            Shape("llama3-8b", 1, 32768, 5),
-            Shape("llama3-8b", 8, 32768, 5),
-            Shape("llama2-7b", 1, 32768, 5),
-            Shape("llama2-7b", 8, 32768, 5),
-        ]
+    def run_sweep(self, groups=("verify",)):
+        """Tilings of the dense kernel: `verify` shapes (Q = 5) and `draft` shapes (the
+        TinyLlama draft's one and two new tokens, batch 1)."""
+        shapes = {
+            "verify": [
+                Shape("llama3-8b", 1, 32768, 5),
+                Shape("llama3-8b", 8, 32768, 5),
+                Shape("llama2-7b", 1, 32768, 5),
+                Shape("llama2-7b", 8, 32768, 5),
+            ],
+            "draft": [Shape("tinyllama-1.1b", 1, 32768, 1), Shape("tinyllama-1.1b", 1, 32768, 2)],
+        }
+        shapes = [shape for group in groups for shape in shapes[group]]
         configs = [  # (block_k, num_warps, num_stages, splits relative to the default);
-            # block_k None: the default tiling for the shape
+            # None: the default for the shape
             (None, None, None, 1),
             (None, None, None, 0.5),
             (None, None, None, 0.25),
             (None, None, None, 2),
+            (None, None, None, 4),
             (64, 4, 3, 1),
             (128, 8, 3, 1),
+            (128, 4, 3, 2),
+            (32, 4, 3, 4),
         ]
         if self.smoke:
             shapes, configs = [Shape("llama3-8b", 1, 512, 5)], configs[:2]

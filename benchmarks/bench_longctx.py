@@ -2,8 +2,10 @@
 through the library, then decoded, against HF transformers on the same GPU in the same run.
 
 Models have the shapes of real checkpoints and random bf16 weights: a Llama-2-7B-shaped
-verifier (32 heads, MHA) and a Llama-3-8B-shaped one (32/8 heads, vocab 128256). The prompts
-are test-book text tokenized by the bundled tokenizer (ids < 8192, valid in both vocabularies).
+verifier (32 heads, MHA) with a TinyLlama-1.1B-shaped draft, and a Llama-3-8B-shaped one
+(32/8 heads, vocab 128256) with a Llama-3.2-1B-shaped draft (16 layers, 32/8 heads, head
+dim 64). The prompts are test-book text tokenized by the bundled tokenizer (ids < 8192, valid
+in both vocabularies).
 
 Sections (`--sections`, each a table and a JSON part):
   prefill  time to first token: `generate`'s own prefill-and-first-token program, whole or in
@@ -12,15 +14,18 @@ Sections (`--sections`, each a table and a JSON part):
            `generate` call (wall clock, prefill subtracted), against its byte limit (weights
            plus live KV per token over copy bandwidth) and HF's `generate` with a static cache;
   speculative  autoregressive, dense speculative and SpecAttn decoding end to end (one jitted
-           `generate` each, batch 1 and a ragged batch of 4), their step times, and tokens/s
-           derived at the bundled pair's measured tokens/step, SpecAttn at a p that keeps
-           the fraction of the context it kept there;
+           `generate` each; both pairs at batch 1, the 7B pair also in a ragged batch of
+           4), their step times, peak memory and the split of a step (draft, select,
+           verify, accept, each timed alone after the same prefill), and tokens/s derived
+           at the bundled pair's measured tokens/step, SpecAttn at a p that keeps the
+           fraction of the context it kept there;
   matmul   the projections of one layer at M = 1..9 rows, as three (q, k, v) or two (gate,
            up) matmuls and as one fused matmul, against their bytes at copy bandwidth.
 
     python benchmarks/bench_longctx.py --out longctx.json
         [--sections prefill,decode,speculative,matmul] [--tokens-per-step-from bench.json]
-        [--contexts 4096,16384,32768] [--gqa-contexts 131072] [--budget SECONDS] [--tiny]
+        [--contexts 4096,16384,32768] [--gqa-contexts 131072] [--spec-contexts 32768]
+        [--gqa-spec-contexts 32768,131072] [--budget SECONDS] [--tiny]
 """
 
 from __future__ import annotations
@@ -41,13 +46,22 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares 
 import _timing
 import jax
 import jax.numpy as jnp
-from bench_generate import LLAMA2_7B, TINYLLAMA_1B, shrunk
+from bench_generate import LLAMA2_7B, TINYLLAMA_1B, device_time, shrunk
 from flax import nnx
 
 from specattn_jax.config import LlamaConfig
 from specattn_jax.model import Llama, linear
-from specattn_jax.selection import SpecAttnSelector
-from specattn_jax.speculative import SpecConfig, _generate, _jit_prefill, _setup, spec_stats
+from specattn_jax.selection import SelectionInputs, SpecAttnSelector
+from specattn_jax.speculative import (
+    Pair,
+    SpecConfig,
+    _generate,
+    _jit_prefill,
+    _merge,
+    _setup,
+    draft_tokens,
+    spec_stats,
+)
 
 LLAMA3_8B = LlamaConfig(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -218,14 +232,17 @@ def byte_limit_s(config: LlamaConfig, context: int, bandwidth: float) -> float:
     return (weights + kv) / bandwidth
 
 
-def time_generate(draft, verifier, prompts, config, new_tokens: int, repeats: int) -> dict:
-    """Wall seconds of one jitted `generate` (prefill, then `new_tokens` greedy tokens per
-    prompt, no EOS) and of its prefill-and-first-token program alone; their difference over
-    the loop's steps is the time of a step. With the run's statistics."""
+def time_generate(
+    draft, verifier, prompts, config, new_tokens: int, repeats: int, chunk: int | None = None
+) -> dict:
+    """Wall seconds of one jitted `generate` (prefill, in chunks of `chunk` tokens if given,
+    then `new_tokens` greedy tokens per prompt, no EOS) and of its prefill-and-first-token
+    program alone; their difference over the loop's steps is the time of a step. With the
+    run's statistics."""
     last = {}
 
     def setup():
-        return (_setup(draft, verifier, prompts, config, new_tokens, *[None] * 5),)
+        return (_setup(draft, verifier, prompts, config, new_tokens, *[None] * 5, chunk),)
 
     def whole(run):
         state = _generate(*run.prefill_args, run.selector)
@@ -317,18 +334,109 @@ def bench_decode(args, budget: Budget, report: dict, save) -> None:
 
 # Speculative decoders end to end.
 
+LLAMA32_1B = LlamaConfig(
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
+    tie_word_embeddings=True, torch_dtype="bfloat16", max_position_embeddings=131072 + 1024,
+)  # fmt: skip
+PAIRS = {  # verifier shape: (verifier, draft)
+    "llama2-7b": (LLAMA2_7B, TINYLLAMA_1B),
+    "llama3-8b": (LLAMA3_8B, LLAMA32_1B),
+}
+
+
+@functools.partial(
+    jax.jit, static_argnames=("decoder", "layers"), donate_argnames=("caches",)
+)  # fmt: skip
+def _draft_part(decoder, params, rule, caches, last_two, seq_lengths, key, layers):
+    draft, _ = _merge(decoder, params)
+    drafts = draft_tokens(
+        draft, caches.draft.with_lengths(seq_lengths - 2), last_two, rule, key, decoder.gamma,
+        layers,
+    )  # fmt: skip
+    return Pair(drafts.cache, caches.verifier), drafts
+
+
+@functools.partial(jax.jit, static_argnames=("num_layers",))
+def _select_part(selector, attention, context_lengths, num_layers):
+    inputs = SelectionInputs(
+        context_lengths=context_lengths,
+        draft_attention=attention,
+        num_layers=num_layers,
+        cache_size=attention.shape[-1],
+    )
+    return selector.plan(inputs)
+
+
+@functools.partial(jax.jit, static_argnames=("decoder",), donate_argnames=("caches",))
+def _verify_part(decoder, params, caches, tokens, seq_lengths, plan):
+    _, verifier = _merge(decoder, params)
+    cache = caches.verifier.with_lengths(seq_lengths - 1)
+    logits, cache, _ = verifier(tokens, cache, plan=plan, backend=decoder.backend)
+    return Pair(caches.draft, cache), logits
+
+
+_accept_part = jax.jit(lambda rule, drafts, verifier_logits, key: rule.accept(
+    drafts.tokens, drafts.logits, verifier_logits, key
+))  # fmt: skip
+
+
+def step_split(run, calls: int) -> dict:
+    """Milliseconds of a speculative step's parts after a real prefill of `run`'s prompts:
+    draft (with the summaries its selector uses), select, verify (through the plan) and
+    accept, each jitted alone and timed back to back (`bench_generate.device_time`). Their
+    sum leaves out the step's bookkeeping, which `generate` fuses with them."""
+    state = _jit_prefill(*run.prefill_args)
+    decoder, params, rule, selector = run.decoder, run.params, run.rule, run.selector
+    layers = () if selector is None else selector.draft_layers
+    last_two, seq_lengths, key = state.last_two, state.seq_lengths, state.key
+    times = {}
+    times["draft"], (caches, drafts) = device_time(
+        lambda s: _draft_part(decoder, params, rule, s[0], last_two, seq_lengths, key, layers),
+        (state.caches, None),
+        calls=calls,
+    )
+    plan = None
+    if selector is not None:
+        num_layers = caches.verifier.num_layers
+        context_lengths = seq_lengths - 1
+        times["select"], (_, plan) = device_time(
+            lambda s: (s[0], _select_part(selector, s[0], context_lengths, num_layers)),
+            (drafts.attention, None),
+            calls=calls,
+        )
+    tokens = jnp.concatenate([last_two[:, 1:], drafts.tokens], axis=1)
+    times["verify"], (caches, logits) = device_time(
+        lambda s: _verify_part(decoder, params, s[0], tokens, seq_lengths, plan),
+        (caches, None),
+        calls=calls,
+    )
+    times["accept"], _ = device_time(
+        lambda s: (s[0], _accept_part(rule, drafts, s[0], key)), (logits, None), calls=calls
+    )
+    return {f"{part}_ms": 1e3 * seconds for part, seconds in times.items()}
+
+
+def _specattn_config(verifier, draft, attn_p: float, gamma: int, granularity: int):
+    """SpecAttn at top-p `attn_p` on the mean of the gamma draft rows, verifier layer j
+    mapped to draft layer j * L_draft // L (the layer map of evenly spread layers)."""
+    num_layers = verifier.config.num_hidden_layers
+    num_draft_layers = draft.config.num_hidden_layers
+    selector = SpecAttnSelector(
+        attn_p=jnp.float32(attn_p),
+        mapping=tuple(j * num_draft_layers // num_layers for j in range(num_layers)),
+        granularity=granularity,
+        aggregate="mean",
+    )
+    return SpecConfig(gamma=gamma, selector=selector, granularity=granularity)
+
 
 def bench_speculative(args, budget: Budget, report: dict, save) -> None:
     """Autoregressive, dense speculative and SpecAttn decoding of the same prompts, one
-    jitted `generate` each, on the Llama-2-7B / TinyLlama-1.1B shapes. Random weights accept
-    almost nothing, so a decoder's measured step time is what it costs; tokens/s at real
-    acceptance is derived from `--tokens-per-step-from` (a bench_generate.py JSON)."""
+    jitted `generate` each, for both pairs of shapes. Random weights accept almost nothing,
+    so a decoder's measured step time is what it costs; tokens/s at real acceptance is
+    derived from `--tokens-per-step-from` (a bench_generate.py JSON)."""
     rows = report.setdefault("speculative", [])
-    verifier = random_model(args.shape(LLAMA2_7B), 0)
-    draft = random_model(args.shape(TINYLLAMA_1B), 1)
-    num_layers, num_draft_layers = (
-        verifier.config.num_hidden_layers, draft.config.num_hidden_layers
-    )  # fmt: skip
     measured, reduction = {}, None
     if args.tokens_per_step_from:
         bundled = json.loads(Path(args.tokens_per_step_from).read_text())["bundled"]["rows"]
@@ -343,37 +451,38 @@ def bench_speculative(args, budget: Budget, report: dict, save) -> None:
     # about p of the context. Each row reports the reduction it measured.
     attn_p = args.attn_p or (1 - reduction if reduction is not None else 0.97)
     report["speculative_attn_p"] = attn_p
-
-    def specattn(granularity: int) -> SpecConfig:
-        selector = SpecAttnSelector(
-            attn_p=jnp.float32(attn_p),
-            mapping=tuple(j * num_draft_layers // num_layers for j in range(num_layers)),
-            granularity=granularity,
-            aggregate="mean",
-        )
-        return SpecConfig(gamma=args.gamma, selector=selector, granularity=granularity)
-
-    decoders = {
-        "autoregressive": (None, SpecConfig()),
-        "speculative": (draft, SpecConfig(gamma=args.gamma)),
-        "specattn": (draft, specattn(16)),
-        "specattn_g1": (draft, specattn(1)),
-    }
-    cases = [(context, [context]) for context in args.spec_contexts]
+    report["speculative_tokens_per_step"] = measured
+    cases = [("llama2-7b", context, [context]) for context in args.spec_contexts]
     if args.ragged_batch:
-        longest = max(args.ragged_batch)
-        cases.append((longest, args.ragged_batch))
-    for context, lengths in cases:
+        cases.append(("llama2-7b", max(args.ragged_batch), args.ragged_batch))
+    cases += [("llama3-8b", context, [context]) for context in args.gqa_spec_contexts]
+    models = {}
+    for shape, context, lengths in cases:
+        if shape not in models:
+            models.clear()  # free the other pair first
+            verifier_config, draft_config = (args.shape(c) for c in PAIRS[shape])
+            models[shape] = (random_model(verifier_config, 0), random_model(draft_config, 1))
+        verifier, draft = models[shape]
+        specattn = functools.partial(_specattn_config, verifier, draft, attn_p, args.gamma)
+        decoders = {  # most telling first: a run out of time loses the last
+            "autoregressive": (None, SpecConfig()),
+            "speculative": (draft, SpecConfig(gamma=args.gamma)),
+            "specattn_g1": (draft, specattn(1)),
+            "specattn": (draft, specattn(16)),
+        }
         prompts = [prompt_ids(n, args.data_dir, verifier.config.vocab_size) for n in lengths]
+        long_prompt = max(lengths) > 32768
+        chunk = args.chunk if long_prompt and args.chunk else None
+        repeats = 1 if long_prompt else args.repeats
         for name, (draft_model, config) in decoders.items():
-            if budget.left() < 90:
-                rows.append({"decoder": name, "prompt_lengths": lengths, "skipped": "time"})
+            row = {"shape": shape, "decoder": name, "context": context, "prompt_lengths": lengths}
+            if budget.left() < (150 if long_prompt else 90):
+                rows.append({**row, "skipped": "time"})
                 continue
-            row = {"decoder": name, "context": context, "prompt_lengths": lengths}
             try:
                 row.update(
                     time_generate(
-                        draft_model, verifier, prompts, config, args.new_tokens, args.repeats
+                        draft_model, verifier, prompts, config, args.new_tokens, repeats, chunk
                     )
                 )
                 row["jax_peak_gb_so_far"] = peak_gb()
@@ -382,6 +491,10 @@ def bench_speculative(args, budget: Budget, report: dict, save) -> None:
                     row["derived_tokens_per_s"] = (
                         len(prompts) * measured[source] / (row["step_ms"] / 1e3)
                     )
+                if draft_model is not None and args.split_calls:
+                    run = _setup(draft_model, verifier, prompts, config, args.new_tokens,
+                                 *[None] * 5, chunk)  # fmt: skip
+                    row["split"] = step_split(run, args.split_calls)
             except Exception as error:  # noqa: BLE001
                 row["error"] = f"{type(error).__name__}: {error}"[:400]
             rows.append(row)
@@ -474,13 +587,15 @@ def print_tables(report: dict) -> None:
         )  # fmt: skip
     if report.get("speculative"):
         _table(
-            "Decoders end to end, Llama-2-7B + TinyLlama-1.1B shapes, random weights "
-            "(derived tokens/s: this step time at the bundled pair's tokens/step)",
-            ["prompts", "decoder", "step ms", "wall tok/s", "derived tok/s", "KV reduction"],
+            "Decoders end to end, random weights (derived tokens/s: this step time at the "
+            "bundled pair's tokens/step); split: draft / select / verify / accept ms",
+            ["verifier", "prompts", "decoder", "step ms", "wall tok/s", "derived tok/s",
+             "KV reduction", "peak GB", "split"],
             [
-                [",".join(map(str, r["prompt_lengths"])), r["decoder"],
+                [r["shape"], ",".join(map(str, r["prompt_lengths"])), r["decoder"],
                  _fmt(r.get("step_ms"), 2), _fmt(r.get("tokens_per_s_wall"), 1),
-                 _fmt(r.get("derived_tokens_per_s"), 1), _fmt(r.get("kv_reduction"))]
+                 _fmt(r.get("derived_tokens_per_s"), 1), _fmt(r.get("kv_reduction")),
+                 _fmt(r.get("jax_peak_gb_so_far"), 1), _split(r.get("split"))]
                 for r in report["speculative"]
             ],
         )  # fmt: skip
@@ -496,6 +611,13 @@ def print_tables(report: dict) -> None:
                 for r in report["matmul"]
             ],
         )  # fmt: skip
+
+
+def _split(split: dict | None) -> str:
+    if not split:
+        return "-"
+    parts = ("draft", "select", "verify", "accept")
+    return " / ".join(_fmt(split.get(f"{part}_ms"), 2) for part in parts)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -516,7 +638,15 @@ def main(argv=None) -> int:
     parser.add_argument("--matmul-rows", type=_ints, default=[1, 2, 5, 9])
     parser.add_argument("--chunk", type=int, default=8192, help="0: no chunked prefill run")
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--spec-contexts", type=_ints, default=[4096, 32768])
+    parser.add_argument("--spec-contexts", type=_ints, default=[32768])
+    parser.add_argument(
+        "--gqa-spec-contexts", type=_ints, default=[32768, 131072],
+        help="contexts of the Llama-3-8B / Llama-3.2-1B pair in the speculative section",
+    )  # fmt: skip
+    parser.add_argument(
+        "--split-calls", type=int, default=10,
+        help="back-to-back calls per part of the per-step split (0: no split)",
+    )  # fmt: skip
     parser.add_argument(
         "--ragged-batch", type=_ints, default=[16384, 12288, 8192, 4096],
         help="prompt lengths of one ragged batch ('' for none)",
@@ -546,6 +676,7 @@ def main(argv=None) -> int:
         "copy_bandwidth": bandwidth,
         "copy_tb_s": bandwidth["ceiling_Bps"] / 1e12,
         "shapes": {name: dataclasses.asdict(config) for name, config in SHAPES.items()},
+        "drafts": {name: dataclasses.asdict(draft) for name, (_, draft) in PAIRS.items()},
         "weights": "random bf16 (Llama(config, rngs=nnx.Rngs(0)))",
         "prompts": "Gutenberg test books, bundled tokenizer",
     }

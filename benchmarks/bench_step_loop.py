@@ -1,0 +1,134 @@
+"""What running inside a device loop costs a draft phase and a decode step.
+
+`generate` runs every step in one `lax.while_loop`, and the draft's gamma - 1 single-token
+forwards in a `lax.scan`. On a GPU, XLA launches each iteration's kernels from the host and
+reads the loop predicate back before the next, so small kernels can leave the GPU waiting.
+This script times, with random bf16 weights and caches of random keys (bench_generate's
+steps):
+
+  draft   a draft phase (TinyLlama-1.1B shape, gamma tokens at --context), its single-token
+          forwards scanned (the library's) or unrolled;
+  decode  an autoregressive step (Llama-2-7B shape at each --decode-contexts);
+
+each as `call` (one jitted call per phase, back to back, one sync) and `loop` (--loop phases
+in one `lax.fori_loop`, as `generate` runs them), in milliseconds per phase. Run it under
+different XLA_FLAGS to see what CUDA graphs of loop bodies change (device_session.sh runs
+the default and `--xla_gpu_enable_command_buffer` with WHILE and CONDITIONAL).
+
+    python benchmarks/bench_step_loop.py --out loop.json [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from bench_generate import LLAMA2_7B, TINYLLAMA_1B, _random_cache, device_time, shrunk
+from flax import nnx
+
+from specattn_jax.acceptance import GreedyAcceptance
+from specattn_jax.model import Llama
+from specattn_jax.speculative import draft_tokens
+
+
+def _draft_phase(graphdef, gamma, unroll, params, tokens, lengths, key, cache):
+    drafts = draft_tokens(
+        nnx.merge(graphdef, params), cache.with_lengths(lengths - 1), tokens[:, :2],
+        GreedyAcceptance(), key, gamma, unroll=unroll,
+    )  # fmt: skip
+    return drafts.cache
+
+
+def _decode(graphdef, params, tokens, lengths, cache):
+    _, cache, _ = nnx.merge(graphdef, params)(tokens[:, :1], cache.with_lengths(lengths))
+    return cache
+
+
+def call_ms(phase, args: tuple, cache, calls: int):
+    """Median milliseconds per `cache = phase(*args, cache, ...)` as back-to-back jitted
+    calls (weights are arguments, never constants; the cache is donated)."""
+    step = jax.jit(lambda args, cache: phase(*args, cache), donate_argnums=1)
+    seconds, state = device_time(lambda state: (step(args, state[0]), None), (cache, None),
+                                 calls=calls)  # fmt: skip
+    return 1e3 * seconds, state[0]
+
+
+def loop_ms(phase, args: tuple, cache, count: int, repeats: int = 3):
+    """Median milliseconds per phase of `count` phases in one `fori_loop`."""
+
+    @functools.partial(jax.jit, donate_argnums=1)
+    def run(args, cache):
+        return jax.lax.fori_loop(0, count, lambda _, cache: phase(*args, cache), cache)
+
+    cache = jax.block_until_ready(run(args, cache))  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        cache = jax.block_until_ready(run(args, cache))
+        times.append((time.perf_counter() - start) / count)
+    return 1e3 * statistics.median(times), cache
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="step_loop.json")
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--decode-contexts", default="4096,32768")
+    parser.add_argument("--gamma", type=int, default=4)
+    parser.add_argument("--loop", type=int, default=20, help="phases per device loop")
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--tiny", action="store_true", help="toy shapes: a CPU smoke run")
+    args = parser.parse_args(argv)
+    shape = shrunk if args.tiny else (lambda config: config)
+    decode_contexts = [int(c) for c in args.decode_contexts.split(",") if c]
+    size = max([args.context, *decode_contexts]) + 64
+    key = jax.random.key(0)
+    report = {
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "gamma": args.gamma,
+        "loop": args.loop,
+        "rows": [],
+    }
+
+    def record(**row):
+        report["rows"].append(row)
+        print(json.dumps(row), flush=True)
+
+    draft_config = shape(TINYLLAMA_1B)
+    d_graph, d_params = nnx.split(Llama(draft_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(1)))
+    tokens = jax.random.randint(key, (1, args.gamma + 1), 0, draft_config.vocab_size)
+    lengths = jnp.full((1,), args.context, jnp.int32)
+    cache = _random_cache(draft_config, 1, size, args.context, key)
+    for unroll in (False, True):
+        phase = functools.partial(_draft_phase, d_graph, args.gamma, unroll)
+        phase_args = (d_params, tokens, lengths, key)
+        call, cache = call_ms(phase, phase_args, cache, args.calls)
+        loop, cache = loop_ms(phase, phase_args, cache, args.loop)
+        record(step="draft", context=args.context, unroll=unroll, call_ms=call, loop_ms=loop)
+    del cache
+
+    verifier_config = shape(LLAMA2_7B)
+    v_graph, v_params = nnx.split(Llama(verifier_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    cache = _random_cache(verifier_config, 1, size, max(decode_contexts, default=0), key)
+    for context in decode_contexts:
+        phase = functools.partial(_decode, v_graph)
+        phase_args = (v_params, tokens, jnp.full((1,), context, jnp.int32))
+        call, cache = call_ms(phase, phase_args, cache, args.calls)
+        loop, cache = loop_ms(phase, phase_args, cache, args.loop)
+        record(step="decode", context=context, call_ms=call, loop_ms=loop)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
