@@ -5,6 +5,8 @@
   XLA can neither hoist the call out of the loop nor skip part of it,
   and several argument sets can be rotated (one call each per iteration) so that repeated
   calls do not find their inputs in L2.
+* `threaded_loop_time`: a `lax.fori_loop` of `state = fn(*args, state)` inside one jit, the
+  state (a cache, say) donated and updated in place, for steps too big to checksum.
 * `back_to_back_time`: many asynchronous dispatches and one sync (host dispatch must stay
   ahead of the device for this to measure the device; `dispatch_floor` says how fast it is).
 * `torch_time`: many eager calls between CUDA events.
@@ -16,6 +18,7 @@ Times are seconds per call, medians over repetitions.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -70,6 +73,25 @@ def loop_time(
         run(arg_sets).block_until_ready()
         times.append((time.perf_counter() - start) / (iters * num_sets))
     return _summary(times, iters=iters * num_sets, method="fori_loop")
+
+
+def threaded_loop_time(fn: Callable, args: tuple, state, *, iters: int, reps: int = 3):
+    """Seconds per call of `state = fn(*args, state)`, `iters` calls in one `fori_loop` (no
+    host between them). Each call must depend on the state it is given, or XLA may hoist it
+    out of the loop. Returns (the summary, the final state); the state passed in is donated.
+    """
+
+    @functools.partial(jax.jit, donate_argnums=1)
+    def run(args, state):
+        return lax.fori_loop(0, iters, lambda _, state: fn(*args, state), state)
+
+    state = jax.block_until_ready(run(args, state))  # compile and warm up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        state = jax.block_until_ready(run(args, state))
+        times.append((time.perf_counter() - start) / iters)
+    return _summary(times, iters=iters, method="threaded fori_loop"), state
 
 
 def back_to_back_time(

@@ -46,7 +46,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares 
 import _timing
 import jax
 import jax.numpy as jnp
-from bench_generate import LLAMA2_7B, TINYLLAMA_1B, device_time, shrunk
+from bench_generate import LLAMA2_7B, TINYLLAMA_1B, shrunk
 from flax import nnx
 
 from specattn_jax.config import LlamaConfig
@@ -232,17 +232,14 @@ def byte_limit_s(config: LlamaConfig, context: int, bandwidth: float) -> float:
     return (weights + kv) / bandwidth
 
 
-def time_generate(
-    draft, verifier, prompts, config, new_tokens: int, repeats: int, chunk: int | None = None
-) -> dict:
-    """Wall seconds of one jitted `generate` (prefill, in chunks of `chunk` tokens if given,
-    then `new_tokens` greedy tokens per prompt, no EOS) and of its prefill-and-first-token
-    program alone; their difference over the loop's steps is the time of a step. With the
-    run's statistics."""
+def time_generate(draft, verifier, prompts, config, new_tokens: int, repeats: int) -> dict:
+    """Wall seconds of one jitted `generate` (prefill, then `new_tokens` greedy tokens per
+    prompt, no EOS) and of its prefill-and-first-token program alone; their difference over
+    the loop's steps is the time of a step. With the run's statistics."""
     last = {}
 
     def setup():
-        return (_setup(draft, verifier, prompts, config, new_tokens, *[None] * 5, chunk),)
+        return (_setup(draft, verifier, prompts, config, new_tokens, *[None] * 5),)
 
     def whole(run):
         state = _generate(*run.prefill_args, run.selector)
@@ -345,10 +342,12 @@ PAIRS = {  # verifier shape: (verifier, draft)
 }
 
 
-@functools.partial(
-    jax.jit, static_argnames=("decoder", "layers"), donate_argnames=("caches",)
-)  # fmt: skip
-def _draft_part(decoder, params, rule, caches, last_two, seq_lengths, key, layers):
+# The parts of a step, each `state = part(*args, state)` for `_timing.threaded_loop_time`.
+# Every part reads its state, so XLA cannot hoist it out of the timing loop.
+
+
+def _draft_part(decoder, rule, layers, params, last_two, seq_lengths, key, state):
+    caches, _ = state
     draft, _ = _merge(decoder, params)
     drafts = draft_tokens(
         draft, caches.draft.with_lengths(seq_lengths - 2), last_two, rule, key, decoder.gamma,
@@ -357,64 +356,68 @@ def _draft_part(decoder, params, rule, caches, last_two, seq_lengths, key, layer
     return Pair(drafts.cache, caches.verifier), drafts
 
 
-@functools.partial(jax.jit, static_argnames=("num_layers",))
-def _select_part(selector, attention, context_lengths, num_layers):
+def _select_part(selector, num_layers, context_lengths, state):
+    attention, plan = state
+    if plan is not None:  # inside the timing loop
+        attention = attention + 0.0 * plan.block_counts.sum()
     inputs = SelectionInputs(
         context_lengths=context_lengths,
         draft_attention=attention,
         num_layers=num_layers,
         cache_size=attention.shape[-1],
     )
-    return selector.plan(inputs)
+    return attention, selector.plan(inputs)
 
 
-@functools.partial(jax.jit, static_argnames=("decoder",), donate_argnames=("caches",))
-def _verify_part(decoder, params, caches, tokens, seq_lengths, plan):
+def _verify_part(decoder, params, tokens, seq_lengths, plan, state):
+    caches, _ = state
     _, verifier = _merge(decoder, params)
     cache = caches.verifier.with_lengths(seq_lengths - 1)
     logits, cache, _ = verifier(tokens, cache, plan=plan, backend=decoder.backend)
     return Pair(caches.draft, cache), logits
 
 
-_accept_part = jax.jit(lambda rule, drafts, verifier_logits, key: rule.accept(
-    drafts.tokens, drafts.logits, verifier_logits, key
-))  # fmt: skip
+def _accept_part(rule, drafts, key, state):
+    logits, (num_accepted, _) = state
+    logits = logits + 0.0 * num_accepted.sum()
+    return logits, rule.accept(drafts.tokens, drafts.logits, logits, key)
 
 
 def step_split(run, calls: int) -> dict:
     """Milliseconds of a speculative step's parts after a real prefill of `run`'s prompts:
     draft (with the summaries its selector uses), select, verify (through the plan) and
-    accept, each jitted alone and timed back to back (`bench_generate.device_time`). Their
-    sum leaves out the step's bookkeeping, which `generate` fuses with them."""
+    accept, each `calls` times in one device loop (`_timing.threaded_loop_time`). Their sum
+    leaves out the step's bookkeeping, which `generate` fuses with them."""
     state = _jit_prefill(*run.prefill_args)
     decoder, params, rule, selector = run.decoder, run.params, run.rule, run.selector
     layers = () if selector is None else selector.draft_layers
     last_two, seq_lengths, key = state.last_two, state.seq_lengths, state.key
+    num_layers = state.caches.verifier.num_layers
+
+    def timed(name, part, args, initial):
+        summary, final = _timing.threaded_loop_time(part, args, initial, iters=calls)
+        times[f"{name}_ms"] = 1e3 * summary["median_s"]
+        return final
+
     times = {}
-    times["draft"], (caches, drafts) = device_time(
-        lambda s: _draft_part(decoder, params, rule, s[0], last_two, seq_lengths, key, layers),
-        (state.caches, None),
-        calls=calls,
-    )
+    draft_part = functools.partial(_draft_part, decoder, rule, layers)
+    draft_args = (params, last_two, seq_lengths, key)
+    drafts = jax.jit(draft_part)(*draft_args, (state.caches, None))[1]  # the state's shape
+    caches, drafts = timed("draft", draft_part, draft_args, (state.caches, drafts))
     plan = None
     if selector is not None:
-        num_layers = caches.verifier.num_layers
-        context_lengths = seq_lengths - 1
-        times["select"], (_, plan) = device_time(
-            lambda s: (s[0], _select_part(selector, s[0], context_lengths, num_layers)),
-            (drafts.attention, None),
-            calls=calls,
-        )
+        select = functools.partial(_select_part, selector, num_layers)
+        plan = jax.jit(select)(seq_lengths - 1, (drafts.attention, None))[1]
+        _, plan = timed("select", select, (seq_lengths - 1,), (drafts.attention, plan))
     tokens = jnp.concatenate([last_two[:, 1:], drafts.tokens], axis=1)
-    times["verify"], (caches, logits) = device_time(
-        lambda s: _verify_part(decoder, params, s[0], tokens, seq_lengths, plan),
-        (caches, None),
-        calls=calls,
-    )
-    times["accept"], _ = device_time(
-        lambda s: (s[0], _accept_part(rule, drafts, s[0], key)), (logits, None), calls=calls
-    )
-    return {f"{part}_ms": 1e3 * seconds for part, seconds in times.items()}
+    verify = functools.partial(_verify_part, decoder)
+    verify_args = (params, tokens, seq_lengths, plan)
+    logits = jax.jit(verify)(*verify_args, (caches, None))[1]
+    _, logits = timed("verify", verify, verify_args, (caches, logits))
+    accept = functools.partial(_accept_part, rule)
+    accepted = jax.jit(accept)(drafts, key, (logits, (seq_lengths, seq_lengths)))[1]
+    timed("accept", accept, (drafts, key), (logits, accepted))
+    return times
 
 
 def _specattn_config(verifier, draft, attn_p: float, gamma: int, granularity: int):
@@ -471,8 +474,10 @@ def bench_speculative(args, budget: Budget, report: dict, save) -> None:
             "specattn": (draft, specattn(16)),
         }
         prompts = [prompt_ids(n, args.data_dir, verifier.config.vocab_size) for n in lengths]
+        # Whole prompts: past the first chunk, chunked prefill reads the cache through the
+        # blockwise jnp path, 57 s for 128K tokens of the 8B shape against 11 s whole on
+        # an H200 (2026-12-02).
         long_prompt = max(lengths) > 32768
-        chunk = args.chunk if long_prompt and args.chunk else None
         repeats = 1 if long_prompt else args.repeats
         for name, (draft_model, config) in decoders.items():
             row = {"shape": shape, "decoder": name, "context": context, "prompt_lengths": lengths}
@@ -481,9 +486,7 @@ def bench_speculative(args, budget: Budget, report: dict, save) -> None:
                 continue
             try:
                 row.update(
-                    time_generate(
-                        draft_model, verifier, prompts, config, args.new_tokens, repeats, chunk
-                    )
+                    time_generate(draft_model, verifier, prompts, config, args.new_tokens, repeats)
                 )
                 row["jax_peak_gb_so_far"] = peak_gb()
                 source = name.removesuffix("_g1")
@@ -492,8 +495,9 @@ def bench_speculative(args, budget: Budget, report: dict, save) -> None:
                         len(prompts) * measured[source] / (row["step_ms"] / 1e3)
                     )
                 if draft_model is not None and args.split_calls:
-                    run = _setup(draft_model, verifier, prompts, config, args.new_tokens,
-                                 *[None] * 5, chunk)  # fmt: skip
+                    run = _setup(
+                        draft_model, verifier, prompts, config, args.new_tokens, *[None] * 5
+                    )
                     row["split"] = step_split(run, args.split_calls)
             except Exception as error:  # noqa: BLE001
                 row["error"] = f"{type(error).__name__}: {error}"[:400]
@@ -645,7 +649,7 @@ def main(argv=None) -> int:
     )  # fmt: skip
     parser.add_argument(
         "--split-calls", type=int, default=10,
-        help="back-to-back calls per part of the per-step split (0: no split)",
+        help="calls per part of the per-step split, in one device loop (0: no split)",
     )  # fmt: skip
     parser.add_argument(
         "--ragged-batch", type=_ints, default=[16384, 12288, 8192, 4096],

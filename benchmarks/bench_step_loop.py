@@ -6,8 +6,7 @@ reads the loop predicate back before the next, so small kernels can leave the GP
 This script times, with random bf16 weights and caches of random keys (bench_generate's
 steps):
 
-  draft   a draft phase (TinyLlama-1.1B shape, gamma tokens at --context), its single-token
-          forwards scanned (the library's) or unrolled;
+  draft   a draft phase (TinyLlama-1.1B shape, gamma tokens at --context);
   decode  an autoregressive step (Llama-2-7B shape at each --decode-contexts);
 
 each as `call` (one jitted call per phase, back to back, one sync) and `loop` (--loop phases
@@ -24,11 +23,10 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
+import _timing
 import jax
 import jax.numpy as jnp
 from bench_generate import LLAMA2_7B, TINYLLAMA_1B, _random_cache, device_time, shrunk
@@ -39,10 +37,10 @@ from specattn_jax.model import Llama
 from specattn_jax.speculative import draft_tokens
 
 
-def _draft_phase(graphdef, gamma, unroll, params, tokens, lengths, key, cache):
+def _draft_phase(graphdef, gamma, params, tokens, lengths, key, cache):
     drafts = draft_tokens(
         nnx.merge(graphdef, params), cache.with_lengths(lengths - 1), tokens[:, :2],
-        GreedyAcceptance(), key, gamma, unroll=unroll,
+        GreedyAcceptance(), key, gamma,
     )  # fmt: skip
     return drafts.cache
 
@@ -61,20 +59,10 @@ def call_ms(phase, args: tuple, cache, calls: int):
     return 1e3 * seconds, state[0]
 
 
-def loop_ms(phase, args: tuple, cache, count: int, repeats: int = 3):
+def loop_ms(phase, args: tuple, cache, count: int):
     """Median milliseconds per phase of `count` phases in one `fori_loop`."""
-
-    @functools.partial(jax.jit, donate_argnums=1)
-    def run(args, cache):
-        return jax.lax.fori_loop(0, count, lambda _, cache: phase(*args, cache), cache)
-
-    cache = jax.block_until_ready(run(args, cache))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        cache = jax.block_until_ready(run(args, cache))
-        times.append((time.perf_counter() - start) / count)
-    return 1e3 * statistics.median(times), cache
+    summary, cache = _timing.threaded_loop_time(phase, args, cache, iters=count)
+    return 1e3 * summary["median_s"], cache
 
 
 def main(argv=None) -> int:
@@ -109,12 +97,11 @@ def main(argv=None) -> int:
     tokens = jax.random.randint(key, (1, args.gamma + 1), 0, draft_config.vocab_size)
     lengths = jnp.full((1,), args.context, jnp.int32)
     cache = _random_cache(draft_config, 1, size, args.context, key)
-    for unroll in (False, True):
-        phase = functools.partial(_draft_phase, d_graph, args.gamma, unroll)
-        phase_args = (d_params, tokens, lengths, key)
-        call, cache = call_ms(phase, phase_args, cache, args.calls)
-        loop, cache = loop_ms(phase, phase_args, cache, args.loop)
-        record(step="draft", context=args.context, unroll=unroll, call_ms=call, loop_ms=loop)
+    phase = functools.partial(_draft_phase, d_graph, args.gamma)
+    phase_args = (d_params, tokens, lengths, key)
+    call, cache = call_ms(phase, phase_args, cache, args.calls)
+    loop, cache = loop_ms(phase, phase_args, cache, args.loop)
+    record(step="draft", context=args.context, call_ms=call, loop_ms=loop)
     del cache
 
     verifier_config = shape(LLAMA2_7B)

@@ -280,14 +280,13 @@ def draft_tokens(
     key: jax.Array,
     gamma: int,
     attention_layers: tuple[int, ...] = (),
-    unroll: bool = False,
 ) -> Drafts:
     """Proposes `gamma` tokens per sequence.
 
     `cache.lengths` must be the position of `last_two[:, 0]`. The first forward feeds both
     tokens (T = 2), the next gamma - 1 one drafted token each; the attention rows are those
     of the gamma queries that produced a draft, in the draft layers `attention_layers` (only
-    those compute them). `unroll` unrolls the scan of single-token forwards.
+    those compute them).
     """
     logits, cache, info = draft(last_two, cache, return_attention=attention_layers)
     first = rule.sample(logits[:, 1], jax.random.fold_in(key, 0))
@@ -300,7 +299,7 @@ def draft_tokens(
         return (next_token, cache), (token, logits[:, 0], attention, info.kv_read.sum(0))
 
     (last, cache), (tokens, step_logits, step_attention, step_reads) = jax.lax.scan(
-        one_token, (first, cache), jnp.arange(1, gamma), unroll=unroll
+        one_token, (first, cache), jnp.arange(1, gamma)
     )
     # scan collected the inputs of steps 1..gamma-1: d_1..d_{gamma-1}; d_gamma is `last`.
     tokens = jnp.concatenate([tokens.T, last[:, None]], axis=1)
