@@ -9,10 +9,11 @@ steps):
   draft   a draft phase (TinyLlama-1.1B shape, gamma tokens at --context);
   decode  an autoregressive step (Llama-2-7B shape at each --decode-contexts);
 
-each as `call` (one jitted call per phase, back to back, one sync) and `loop` (--loop phases
-in one `lax.fori_loop`, as `generate` runs them), in milliseconds per phase. Run it under
-different XLA_FLAGS to see what CUDA graphs of loop bodies change (device_session.sh runs
-the default and `--xla_gpu_enable_command_buffer` with WHILE and CONDITIONAL).
+(bench_generate's `_draft_step` and `_decode_step`) each as `call` (one jitted call per
+phase, back to back, one sync) and `loop` (--loop phases in one `lax.fori_loop`, as
+`generate` runs them), in milliseconds per phase. Run it under different XLA_FLAGS to see
+what CUDA graphs of loop bodies change (device_session.sh runs the default and
+`--xla_gpu_enable_command_buffer` with WHILE and CONDITIONAL).
 
     python benchmarks/bench_step_loop.py --out loop.json [--tiny]
 """
@@ -29,25 +30,27 @@ from pathlib import Path
 import _timing
 import jax
 import jax.numpy as jnp
-from bench_generate import LLAMA2_7B, TINYLLAMA_1B, _random_cache, device_time, shrunk
+from bench_generate import (
+    LLAMA2_7B,
+    TINYLLAMA_1B,
+    _decode_step,
+    _draft_step,
+    _random_cache,
+    device_time,
+    shrunk,
+)
 from flax import nnx
 
-from specattn_jax.acceptance import GreedyAcceptance
+from specattn_jax.attention import attend
 from specattn_jax.model import Llama
-from specattn_jax.speculative import draft_tokens
 
 
 def _draft_phase(graphdef, gamma, params, tokens, lengths, key, cache):
-    drafts = draft_tokens(
-        nnx.merge(graphdef, params), cache.with_lengths(lengths - 1), tokens[:, :2],
-        GreedyAcceptance(), key, gamma,
-    )  # fmt: skip
-    return drafts.cache
+    return _draft_step(graphdef, params, tokens, cache, lengths, key, gamma, ())[0]
 
 
 def _decode(graphdef, params, tokens, lengths, cache):
-    _, cache, _ = nnx.merge(graphdef, params)(tokens[:, :1], cache.with_lengths(lengths))
-    return cache
+    return _decode_step(graphdef, params, tokens, cache, lengths, attend)[0]
 
 
 def call_ms(phase, args: tuple, cache, calls: int):
