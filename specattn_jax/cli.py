@@ -419,7 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("train_args", nargs=argparse.REMAINDER)
 
     convert = commands.add_parser("convert", help="convert a checkpoint to HF or orbax format")
-    convert.add_argument("src", help="HF directory, orbax directory, llama2.c .bin, or hub id")
+    convert.add_argument(
+        "src", help="HF directory, orbax directory, GGUF file, llama2.c .bin, or hub id"
+    )
     convert.add_argument("dst", help="output directory")
     convert.add_argument("--format", choices=("hf", "orbax"), default="hf")
     _add_common(convert)

@@ -4,6 +4,7 @@ Accepted sources:
   "bundled:verifier", "bundled:draft"   the pair shipped in `specattn_jax/assets/`
   an HF checkpoint directory             config.json + safetensors or pytorch_model.bin
   an orbax checkpoint directory          config.json + params/ (written by `save_orbax`)
+  a GGUF file (`.gguf`)                  llama.cpp's format, F32/F16/BF16 or quantised
   a llama2.c `.bin`                      with its `tok*.bin` tokenizer beside it
   a directory holding one llama2.c `.bin`
   a hub id ("org/name")                  downloaded through `huggingface_hub` when a network
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from specattn_jax import sharding
+from specattn_jax.convert.gguf import is_gguf, load_gguf_model, load_gguf_tokenizer
 from specattn_jax.convert.hf import load_hf_model
 from specattn_jax.convert.llama2c import llama2c_tokenizer, load_llama2c_model
 from specattn_jax.convert.orbax_io import is_orbax_checkpoint, load_orbax
@@ -124,11 +126,14 @@ def load_pretrained(source: str | Path, dtype=jnp.float32, *, place=None):
         return load_orbax(path, dtype), load_tokenizer(path)
     if path.is_dir() and (path / "config.json").is_file():
         return load_hf_model(path, dtype, place=place), load_tokenizer(path)
+    if path.suffix == ".gguf" or is_gguf(path):
+        return load_gguf_model(path, dtype, place=place), load_gguf_tokenizer(path)
     if path.is_dir() or path.suffix == ".bin":
         checkpoint, tokenizer = _llama2c_files(path)
         return load_llama2c_model(checkpoint, dtype), llama2c_tokenizer(tokenizer)
     raise CheckpointError(
-        f"{path} is neither a checkpoint directory (config.json) nor a llama2.c .bin file"
+        f"{path} is neither a checkpoint directory (config.json), a GGUF file nor a "
+        f"llama2.c .bin file"
     )
 
 
@@ -139,7 +144,7 @@ def load_sharded(
     rules: sharding.ShardingRules = sharding.TENSOR_PARALLEL,
 ):
     """`load_pretrained` with every parameter placed on `mesh` under `rules` as it is read,
-    then `sharding.shard_model`. HF checkpoints are placed tensor by tensor; orbax and
+    then `sharding.shard_model`. HF and GGUF checkpoints are placed tensor by tensor; orbax and
     llama2.c checkpoints load whole first and are placed after. Run the verifier's attention
     head-parallel with `attend=sharding.HeadParallel(mesh)` (`generate(..., mesh=mesh)` does)."""
     model, tokenizer = load_pretrained(

@@ -157,12 +157,12 @@ def windows():
 def _assert_same_perplexity(row: dict, dense: dict) -> None:
     """Full selections read exactly what dense attention reads, and score the same. The
     top-k searches of Quest and Double Sparsity, run inside each layer, change how XLA's CPU
-    compiler fuses the surrounding model, which moves the last bit of some logits (7e-9
-    relative in perplexity, measured), so those two are held to 1e-7 instead of bit
-    equality; the others are bit-exact."""
+    compiler fuses the surrounding model, which moves the last bits of some logits (7e-9
+    relative in perplexity here, 1.2e-7 on CI's machine: the fusion depends on the CPU), so
+    those two are held to 1e-6 instead of bit equality; the others are bit-exact."""
     assert row["kv_reduction"] == 0.0
     if row["method"] in ("quest", "double_sparsity"):
-        assert row["perplexity"] == pytest.approx(dense["perplexity"], rel=1e-7, abs=0)
+        assert row["perplexity"] == pytest.approx(dense["perplexity"], rel=1e-6, abs=0)
     else:
         assert row["perplexity"] == dense["perplexity"]
 

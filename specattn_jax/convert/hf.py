@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -209,45 +209,68 @@ def load_hf_model(directory: str | Path, dtype=jnp.float32, place=None) -> Llama
     """
     directory = Path(directory)
     config = read_hf_config(directory)
+    tensors = (
+        (key, tensor, file)
+        for file in _checkpoint_files(directory)
+        for key, tensor in _iter_tensors(file)
+    )
+    params = params_from_hf_tensors(config, tensors, directory)
+    return model_from_params(config, params, dtype, source=str(directory), place=place)
+
+
+def params_from_hf_tensors(
+    config: LlamaConfig, tensors: Iterable[tuple[str, np.ndarray, Path]], source: Path
+) -> dict[ParamPath, np.ndarray]:
+    """HF-keyed tensors, each with the file it came from, as HF-shaped parameters
+    (`param_shapes`). Each tensor's shape is checked against the config as it arrives;
+    a duplicated, unmapped or misshapen key, or an untied `lm_head` under
+    `tie_word_embeddings`, raises `CheckpointError`."""
     shapes = param_shapes(config)
     params: dict[ParamPath, np.ndarray] = {}
-    seen: dict[str, str] = {}
+    seen: set[str] = set()
     tied_head = None
-    for file in _checkpoint_files(directory):
-        for key, tensor in _iter_tensors(file):
-            if _IGNORED_KEYS.fullmatch(key):
-                continue
-            if key in seen:
-                raise CheckpointError(f"{directory}: tensor {key!r} appears twice")
-            seen[key] = file.name
-            if key == "lm_head.weight" and config.tie_word_embeddings:
-                tied_head = tensor
-                continue
-            mapped = hf_key_to_path(key)
-            if mapped is None:
-                raise CheckpointError(f"{file}: tensor {key!r} is not a Llama parameter")
-            path, kind = mapped
-            if path not in shapes:
-                raise CheckpointError(
-                    f"{file}: tensor {key!r} does not fit this config "
-                    f"({config.num_hidden_layers} layers, attention_bias="
-                    f"{config.attention_bias}, mlp_bias={config.mlp_bias})"
-                )
-            want = hf_shape(kind, shapes[path])
-            if tuple(tensor.shape) != want:
-                raise CheckpointError(
-                    f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, "
-                    f"the config needs {want}"
-                )
-            params[path] = from_hf_layout(kind, tensor, shapes[path])
+    for key, tensor, file in tensors:
+        if _IGNORED_KEYS.fullmatch(key):
+            continue
+        if key in seen:
+            raise CheckpointError(f"{source}: tensor {key!r} appears twice")
+        seen.add(key)
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            tied_head = tensor
+            continue
+        mapped = hf_key_to_path(key)
+        if mapped is None:
+            raise CheckpointError(f"{file}: tensor {key!r} is not a Llama parameter")
+        path, kind = mapped
+        if path not in shapes:
+            raise CheckpointError(
+                f"{file}: tensor {key!r} does not fit this config "
+                f"({config.num_hidden_layers} layers, attention_bias="
+                f"{config.attention_bias}, mlp_bias={config.mlp_bias})"
+            )
+        want = hf_shape(kind, shapes[path])
+        if tuple(tensor.shape) != want:
+            raise CheckpointError(
+                f"{file}: tensor {key!r} has shape {tuple(tensor.shape)}, the config needs {want}"
+            )
+        params[path] = from_hf_layout(kind, tensor, shapes[path])
     if tied_head is not None and not np.array_equal(
         tied_head, params.get(("embed_tokens",), tied_head)
     ):
         raise CheckpointError(
-            f"{directory}: tie_word_embeddings is set but lm_head.weight differs from "
+            f"{source}: tie_word_embeddings is set but lm_head.weight differs from "
             f"model.embed_tokens.weight"
         )
-    return model_from_params(config, params, dtype, source=str(directory), place=place)
+    return params
+
+
+def rotary_pairs_to_halves(w: np.ndarray, heads: int) -> np.ndarray:
+    """A q or k projection ([heads * D, ...] rows: weight or bias) from the adjacent-pair RoPE
+    order of llama2.c and llama.cpp (rotating (2i, 2i+1)) to HF's half-split order (rotating
+    (i, i + D/2)): row order [0, 2, 4, ..., 1, 3, 5, ...] within each head."""
+    rest = w.shape[1:]
+    per_head = w.reshape(heads, -1, 2, *rest)  # [heads, D/2, 2, ...]
+    return per_head.swapaxes(1, 2).reshape(w.shape)
 
 
 def save_hf_model(

@@ -19,6 +19,7 @@ import numpy as np
 
 from specattn_jax.config import LlamaConfig
 from specattn_jax.convert._params import model_from_params
+from specattn_jax.convert.hf import rotary_pairs_to_halves
 from specattn_jax.errors import CheckpointError
 from specattn_jax.model import Llama
 
@@ -56,12 +57,6 @@ def llama2c_config(path: str | Path) -> LlamaConfig:
         bos_token_id=1,
         eos_token_id=2,
     )
-
-
-def _pairs_to_halves(w: np.ndarray, heads: int, head_dim: int) -> np.ndarray:
-    """[heads * D, E] rows from llama2.c's adjacent-pair RoPE order to HF's half-split."""
-    w = w.reshape(heads, head_dim // 2, 2, -1)
-    return w.transpose(0, 2, 1, 3).reshape(heads * head_dim, -1)
 
 
 def load_llama2c_model(path: str | Path, dtype=jnp.float32) -> Llama:
@@ -114,8 +109,8 @@ def load_llama2c_model(path: str | Path, dtype=jnp.float32) -> Llama:
     if not config.tie_word_embeddings:
         params[("lm_head",)] = arrays["wcls"].T
     for i in range(layers):
-        wq = _pairs_to_halves(arrays["wq"][i], heads, head_dim)
-        wk = _pairs_to_halves(arrays["wk"][i], kv_heads, head_dim)
+        wq = rotary_pairs_to_halves(arrays["wq"][i], heads)
+        wk = rotary_pairs_to_halves(arrays["wk"][i], kv_heads)
         layer = {
             ("input_layernorm", "weight"): arrays["rms_att"][i],
             ("post_attention_layernorm", "weight"): arrays["rms_ffn"][i],
