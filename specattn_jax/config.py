@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from specattn_jax.errors import CheckpointError, SpecAttnError
 
@@ -53,7 +55,8 @@ class LlamaConfig:
     mlp_bias: bool = False
     torch_dtype: str = "float32"
     bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
+    # One stop token or several (Llama-3-Instruct: end of text, end of message, end of turn).
+    eos_token_id: int | tuple[int, ...] | None = 2
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -63,6 +66,11 @@ class LlamaConfig:
             )
         if self.torch_dtype not in _DTYPE_NAMES:
             raise SpecAttnError(f"torch_dtype={self.torch_dtype!r} is not one of {_DTYPE_NAMES}")
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every stop token, as a tuple (empty when there is none)."""
+        return stop_token_ids(self.eos_token_id)
 
     @property
     def q_heads_per_kv_head(self) -> int:
@@ -86,7 +94,7 @@ class LlamaConfig:
             raise CheckpointError(f"torch_dtype={dtype!r} is not one of {_DTYPE_NAMES}")
         eos = hf.get("eos_token_id")
         if isinstance(eos, list):
-            eos = eos[0] if eos else None
+            eos = tuple(eos) if len(eos) > 1 else (eos[0] if eos else None)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -132,7 +140,11 @@ class LlamaConfig:
             "mlp_bias": self.mlp_bias,
             "torch_dtype": self.torch_dtype,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
+            "eos_token_id": (
+                list(self.eos_token_id)
+                if isinstance(self.eos_token_id, tuple)
+                else self.eos_token_id
+            ),
         }
 
     @classmethod
@@ -144,10 +156,27 @@ class LlamaConfig:
             hf = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+        generation = path.parent / "generation_config.json"
+        if generation.is_file():  # its stop tokens are the ones `generate` honours
+            try:
+                hf_eos = json.loads(generation.read_text()).get("eos_token_id")
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{generation} is not valid JSON: {e}") from None
+            if hf_eos is not None:
+                hf = {**hf, "eos_token_id": hf_eos}
         try:
             return cls.from_hf(hf)
         except KeyError as e:
             raise CheckpointError(f"{path} lacks the field {e.args[0]!r}") from None
+
+
+def stop_token_ids(eos: int | Sequence[int] | None) -> tuple[int, ...]:
+    """One stop token, several, or none, as a tuple of ints."""
+    if eos is None:
+        return ()
+    if isinstance(eos, int | np.integer):
+        return (int(eos),)
+    return tuple(int(token) for token in eos)
 
 
 def _rope_theta(hf: dict[str, Any]) -> float:

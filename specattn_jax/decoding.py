@@ -53,9 +53,10 @@ class DecodeProgress:
         self,
         tokens: jax.Array,  # i32[B, K]
         counts: jax.Array,  # i32[B]
-        eos_id: int | None,
+        eos_ids: tuple[int, ...],
     ) -> tuple[DecodeProgress, jax.Array]:
-        """Appends each row's first `counts[b]` tokens, cut after an EOS and at the budget.
+        """Appends each row's first `counts[b]` tokens, cut after the first of any of the
+        stop tokens `eos_ids` and at the budget.
 
         Rows already done append nothing. Returns the new progress and i32[B], the number of
         tokens actually appended per row.
@@ -63,18 +64,17 @@ class DecodeProgress:
         num_new = tokens.shape[1]
         offsets = jnp.arange(num_new, dtype=jnp.int32)
         take = jnp.where(self.done, 0, counts)
-        if eos_id is not None:
-            is_eos = (tokens == eos_id) & (offsets[None, :] < take[:, None])
-            first_eos = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1), num_new)
-            take = jnp.minimum(take, first_eos + 1)
+        is_eos = jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32)) & (
+            offsets[None, :] < take[:, None]
+        )  # bool[B, K]
+        first_eos = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1), num_new)
+        take = jnp.minimum(take, first_eos + 1)
         take = jnp.minimum(take, self.budgets - self.num_generated)
         positions = self.num_generated[:, None] + offsets[None, :]
         positions = jnp.where(offsets[None, :] < take[:, None], positions, self.output.shape[1])
         output = scatter_rows(self.output, positions, tokens)
         num_generated = self.num_generated + take
-        done = self.done | (num_generated >= self.budgets)
-        if eos_id is not None:
-            done = done | ((tokens == eos_id) & (offsets[None, :] < take[:, None])).any(axis=1)
+        done = self.done | (num_generated >= self.budgets) | (first_eos < take)
         return dataclasses.replace(
             self, output=output, num_generated=num_generated, done=done
         ), take

@@ -41,7 +41,7 @@ from specattn_jax import sharding
 from specattn_jax.acceptance import AcceptanceRule, acceptance_for
 from specattn_jax.attention import Attend, AttentionPlan, attend
 from specattn_jax.cache import KVCache
-from specattn_jax.config import LlamaConfig
+from specattn_jax.config import LlamaConfig, stop_token_ids
 from specattn_jax.decoding import (
     DecodeProgress,
     GenerationResult,
@@ -224,7 +224,7 @@ class Decoder:
       draft: the draft's graph definition, or None (autoregressive decoding).
       verifier: the verifier's graph definition.
       gamma: tokens drafted per step (0 without a draft).
-      eos_id: the stop token, or None.
+      eos_ids: the stop tokens (empty: none).
       backend: "auto", "pallas" or "reference" for the kernels.
       verifier_attend: the verifier's attention function (`sharding.attention_for(mesh)`).
       prefill_chunk: prompt tokens per prefill forward (None: the whole prompt at once).
@@ -233,7 +233,7 @@ class Decoder:
     draft: nnx.GraphDef | None
     verifier: nnx.GraphDef
     gamma: int
-    eos_id: int | None
+    eos_ids: tuple[int, ...]
     backend: str
     verifier_attend: Attend = attend
     prefill_chunk: int | None = None
@@ -386,7 +386,7 @@ def spec_step(
         offsets = jnp.arange(gamma + 1)[None, :]
         padded_drafts = jnp.pad(drafted, ((0, 0), (0, 1)))
         new_tokens = jnp.where(offsets == num_accepted[:, None], next_token[:, None], padded_drafts)
-        progress, taken = state.progress.append(new_tokens, num_accepted + 1, decoder.eos_id)
+        progress, taken = state.progress.append(new_tokens, num_accepted + 1, decoder.eos_ids)
         seq_lengths = state.seq_lengths + taken
         history = jnp.concatenate([state.last_two, new_tokens], axis=1)
         last_two = jnp.take_along_axis(history, taken[:, None] + jnp.arange(2)[None, :], axis=1)
@@ -431,7 +431,7 @@ def prefill(
             _, draft_cache = chunked(draft, tokens, caches.draft)
     first = rule.sample(logits, jax.random.fold_in(key, 0))
     progress, taken = DecodeProgress.init(budgets, max_new).append(
-        first[:, None], jnp.ones_like(lengths), decoder.eos_id
+        first[:, None], jnp.ones_like(lengths), decoder.eos_ids
     )
     last_prompt_token = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0]
     num_layers = verifier.config.num_hidden_layers
@@ -506,6 +506,8 @@ def _setup(
     """Checks the inputs, builds the selector, places models and caches (on `mesh`)."""
     if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
         raise SpecAttnError(f"prefill_chunk={prefill_chunk!r} must be a positive integer")
+    if isinstance(eos_id, str) and eos_id != "config":
+        raise SpecAttnError(f"eos_id={eos_id!r}: give token ids, None, or 'config'")
     tokens, lengths = pad_prompts(prompts)
     gamma = config.gamma if draft is not None else 0
     lookahead = gamma + 1 if draft is not None else 0
@@ -539,7 +541,7 @@ def _setup(
             draft=draft_graphdef,
             verifier=verifier_graphdef,
             gamma=gamma,
-            eos_id=verifier.config.eos_token_id if eos_id == "config" else eos_id,
+            eos_ids=verifier.config.eos_token_ids if eos_id == "config" else stop_token_ids(eos_id),
             backend=config.backend,
             verifier_attend=sharding.attention_for(mesh),
             prefill_chunk=prefill_chunk,
@@ -574,7 +576,7 @@ def generate(
     max_new_tokens: int,
     key: jax.Array | None = None,
     sampler: Sampler | None = None,
-    eos_id: int | None | str = "config",
+    eos_id: int | Sequence[int] | None | str = "config",
     cache_size: int | None = None,
     mesh: Mesh | None = None,
     prefill_chunk: int | None = None,
@@ -594,7 +596,9 @@ def generate(
       max_new_tokens: budget per sequence.
       key: PRNG key (sampling only); default `jax.random.key(0)`.
       sampler: `Greedy()` (default) or `Sampling(temperature=, top_k=, top_p=)`.
-      eos_id: stop token; "config" takes the verifier config's, None never stops early.
+      eos_id: stop token, or several (a sequence stops at the first of any; speculative
+        acceptance stops at the first one accepted); "config" takes the verifier config's
+        (`generation_config.json`'s where the checkpoint has one), None never stops early.
       cache_size: KV positions per sequence (default: padded prompt + budget + gamma + 1,
         rounded up to a multiple of 64).
       mesh: a ("data", "model") `Mesh` (`sharding.make_mesh`): the verifier runs
@@ -624,7 +628,7 @@ def generate_stream(
     max_new_tokens: int,
     key: jax.Array | None = None,
     sampler: Sampler | None = None,
-    eos_id: int | None | str = "config",
+    eos_id: int | Sequence[int] | None | str = "config",
     cache_size: int | None = None,
     mesh: Mesh | None = None,
     prefill_chunk: int | None = None,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from specattn_jax.autoregressive import generate_autoregressive
+from specattn_jax.config import LlamaConfig
 from specattn_jax.convert._params import params_of
 from specattn_jax.convert.hf import load_hf_model, save_hf_model
 from specattn_jax.convert.llama2c import llama2c_tokenizer, load_llama2c_model
@@ -219,3 +220,17 @@ def test_hub_id_without_network_fails_clearly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="could not be downloaded"):
         load_pretrained("meta-llama/Llama-2-7b-hf")
+
+
+def test_several_stop_tokens_from_config_and_generation_config(tmp_path):
+    """Llama-3-Instruct lists three stop tokens; `generation_config.json`'s list, when the
+    checkpoint has one, is the one `generate` honours (as in transformers)."""
+    config = tiny_hf_config()
+    config["eos_token_id"] = [2, 5, 7]
+    write_tiny_hf_checkpoint(tmp_path, config)
+    model, _ = load_pretrained(tmp_path)
+    assert model.config.eos_token_ids == (2, 5, 7)
+    assert LlamaConfig.from_hf(model.config.to_hf()).eos_token_ids == (2, 5, 7)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, 11]}))
+    model, _ = load_pretrained(tmp_path)
+    assert model.config.eos_token_ids == (9, 11)

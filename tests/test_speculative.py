@@ -47,6 +47,35 @@ def test_greedy_speculative_equals_verifier_greedy(stories_pair, gamma, prompts,
     assert 1 <= stats["tokens_per_step"] <= gamma + 1
 
 
+def test_several_stop_tokens_stop_at_the_first_of_any(stories_pair):
+    """Two stop tokens taken from the greedy continuation itself: every decoder stops right
+    after the earliest occurrence of either, and speculative acceptance stops there too
+    (gamma 8 drafts past it)."""
+    draft, verifier, tokenizer = stories_pair
+    prompt = [tokenizer("Once upon a time")["input_ids"]]
+    free = generate_autoregressive(verifier, prompt, max_new_tokens=40, eos_id=None).tokens[0]
+    stops = (free[25], free[12])
+    end = min(free.index(stops[0]), free.index(stops[1])) + 1
+    assert end < 25
+    expected = [free[:end]]
+    assert (
+        generate_autoregressive(verifier, prompt, max_new_tokens=40, eos_id=stops).tokens
+        == expected
+    )
+    for gamma in (1, 8):
+        result = generate(
+            draft, verifier, prompt, SpecConfig(gamma=gamma), max_new_tokens=40, eos_id=list(stops)
+        )
+        assert result.tokens == expected
+        assert result.stats["tokens"] == end
+    streamed = []
+    for new_tokens, _ in generate_stream(
+        draft, verifier, prompt, SpecConfig(gamma=8), max_new_tokens=40, eos_id=stops
+    ):
+        streamed += new_tokens[0]
+    assert [streamed] == expected
+
+
 def test_stream_yields_the_same_tokens(stories_pair):
     draft, verifier, tokenizer = stories_pair
     prompt = [tokenizer("Once upon a time")["input_ids"]]

@@ -131,8 +131,19 @@ def gguf_config(path: str | Path, reader=None) -> LlamaConfig:
         attention_bias="blk.0.attn_q.bias" in names,
         mlp_bias="blk.0.ffn_up.bias" in names,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        eos_token_id=_stop_tokens(reader, int(vocab)),
     )
+
+
+def _stop_tokens(reader, vocab: int) -> int | tuple[int, ...] | None:
+    """End of text, and end of turn and of message where the file names them (llama.cpp
+    stops generation at each; an id outside the vocabulary is its "none")."""
+    ids = []
+    for key in ("eos", "eot", "eom"):
+        token_id = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None and token_id < vocab and token_id not in ids:
+            ids.append(int(token_id))
+    return None if not ids else ids[0] if len(ids) == 1 else tuple(ids)
 
 
 def _hf_key(name: str) -> str | None:
