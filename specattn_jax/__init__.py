@@ -6,6 +6,8 @@ rules), layer mapping (`calibrate`, `LayerMap`) and KV selection (`SpecAttnSelec
 baselines `Quest`, `DoubleSparsity`, `StreamingLLM`, `OracleTopP`).
 """
 
+import logging
+
 from specattn_jax.acceptance import GreedyAcceptance, SpeculativeSampling
 from specattn_jax.attention import AttentionPlan, ForwardInfo
 from specattn_jax.autoregressive import generate_autoregressive, stream_autoregressive
@@ -14,7 +16,7 @@ from specattn_jax.config import LlamaConfig, RopeScaling
 from specattn_jax.decoding import GenerationResult
 from specattn_jax.errors import CheckpointError, IncompatibleModelsError, SpecAttnError
 from specattn_jax.layer_map import LayerMap, calibrate, monotone_layer_map
-from specattn_jax.loading import load_pretrained
+from specattn_jax.loading import load_pair, load_pretrained
 from specattn_jax.model import Llama, forward
 from specattn_jax.sampling import Greedy, Sampling, make_sampler
 from specattn_jax.selection import SelectionInputs, Selector, SpecAttnSelector
@@ -50,9 +52,23 @@ __all__ = [
     "generate",
     "generate_autoregressive",
     "generate_stream",
+    "load_pair",
     "load_pretrained",
     "make_sampler",
     "monotone_layer_map",
     "spec_step",
     "stream_autoregressive",
 ]
+
+
+class _DropTransformersNotices(logging.Filter):
+    """Drops transformers' import-time notice that PyTorch is absent: this project needs
+    only its tokenizers, configs and GGUF reader, so the notice is wrong here. Nothing else
+    of transformers' logging is touched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("PyTorch was not found.")
+
+
+# transformers is imported lazily, inside functions, so this runs before it.
+logging.getLogger("transformers").addFilter(_DropTransformersNotices())

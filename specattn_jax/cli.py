@@ -1,12 +1,15 @@
 """The `specattn` command line.
 
 Every command takes `--json` for one machine-readable object on stdout. Bad input is one
-line on stderr (`specattn: error: ...`) and exit status 2, never a traceback.
+line on stderr (`specattn: error: ...`, or with `--json` one object `{"error": ...}`) and exit
+status 2, never a traceback. Commands that run a model first print a header line on stderr:
+the device, the attention backend (Pallas kernel or `jnp` reference) and the dtype.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 import time
@@ -16,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import default_backend
 from specattn_jax import train
 from specattn_jax.convert.hf import save_hf_model
 from specattn_jax.convert.orbax_io import save_orbax
@@ -26,19 +30,69 @@ from specattn_jax.eval import MethodFactory, PerplexityProtocol, make_windows
 from specattn_jax.eval.methods import BUDGET_METHODS, METHODS
 from specattn_jax.eval.report import compare_methods, markdown_table
 from specattn_jax.layer_map import LayerMap, calibrate
-from specattn_jax.loading import ASSETS, load_pretrained
+from specattn_jax.loading import (
+    ASSETS,
+    default_draft,
+    default_layer_map,
+    load_pair,
+    load_pretrained,
+)
 from specattn_jax.sampling import make_sampler
 from specattn_jax.sharding import make_mesh
-from specattn_jax.speculative import SpecConfig, check_compatible, generate_stream
+from specattn_jax.speculative import SpecConfig, generate_stream
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors."""
+    """argparse with one-line usage errors (naming the subcommand, if any) and defaults in
+    `--help`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
-        raise SpecAttnError(f"{self.prog}: {message}")
+        command = self.prog.removeprefix("specattn").strip()
+        raise SpecAttnError(f"{command}: {message}" if command else message)
+
+
+def default_dtype() -> str:
+    """bfloat16 on a GPU, float32 elsewhere."""
+    return "bfloat16" if jax.default_backend() == "gpu" else "float32"
+
+
+def run_context(dtype: str) -> dict:
+    """Where a run happens: device, attention backend and dtype (the header line)."""
+    devices = jax.devices()
+    device = f"{devices[0].platform} ({devices[0].device_kind})"
+    backend = default_backend()
+    return {
+        "device": device if len(devices) == 1 else f"{len(devices)} x {device}",
+        "backend": "pallas kernels" if backend == "pallas" else "jnp reference",
+        "dtype": dtype,
+    }
+
+
+def _header(args) -> dict:
+    """Prints the run's header line on stderr (not with --json); returns its fields."""
+    context = run_context(args.dtype)
+    if not args.json:
+        print(
+            f"specattn {args.command}: {context['device']}, attention: {context['backend']}, "
+            f"dtype {context['dtype']}",
+            file=sys.stderr,
+        )
+    return context
+
+
+def _note(args, message: str) -> None:
+    if not args.json:
+        print(f"note: {message}", file=sys.stderr)
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
 
 
 def _jnp_dtype(name: str):
@@ -56,13 +110,15 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def _prompt_ids(args, tokenizer) -> list[int]:
-    if args.prompt_ids:
+    if args.prompt_ids is not None:
         try:
             return [int(t) for t in args.prompt_ids.split(",")]
         except ValueError:
             raise SpecAttnError(
                 f"--prompt-ids {args.prompt_ids!r} is not a comma-separated list of ints"
             ) from None
+    if not args.prompt.strip():
+        raise SpecAttnError("--prompt is empty")
     return _encode(tokenizer, args.prompt)
 
 
@@ -74,14 +130,16 @@ def _emit(args, payload: dict, text_lines: list[str]) -> None:
             print(line)
 
 
+def _draft_source(args) -> str | None:
+    """The --draft option: 'none' for no draft, unset for the verifier's default draft."""
+    if args.draft == "none":
+        return None
+    return args.draft or default_draft(args.verifier)
+
+
 def _load_pair(args):
     """(draft or None, verifier, tokenizer), checked to share one vocabulary."""
-    verifier, tokenizer = _load(args.verifier, args.dtype)
-    if not args.draft or args.draft == "none":
-        return None, verifier, tokenizer
-    draft, draft_tokenizer = _load(args.draft, args.dtype)
-    check_compatible(draft, verifier, draft_tokenizer, tokenizer)
-    return draft, verifier, tokenizer
+    return load_pair(args.verifier, _draft_source(args) or None, _jnp_dtype(args.dtype))
 
 
 def _mesh(args):
@@ -92,9 +150,16 @@ def _mesh(args):
     return make_mesh(args.mesh)
 
 
+def _layer_map(args) -> LayerMap | None:
+    """--layer-map, else the bundled map for the bundled pair, else None (calibrate)."""
+    if args.layer_map:
+        return LayerMap.load(args.layer_map)
+    return default_layer_map(args.verifier, _draft_source(args))
+
+
 def _spec_config(args):
     """The `SpecConfig` of the generate options (SpecAttn when --attn-p is given)."""
-    layer_map = LayerMap.load(args.layer_map) if args.layer_map else None
+    layer_map = _layer_map(args)
     config = SpecConfig(
         gamma=args.gamma,
         attn_p=args.attn_p,
@@ -104,20 +169,43 @@ def _spec_config(args):
         recent=args.recent,
         layer_map=layer_map,
     )
-    if args.attn_p is not None and layer_map is None and not args.json:
-        print(
-            "note: no --layer-map given; calibrating one on the prompt (run `specattn "
-            "calibrate` once for a better map)",
-            file=sys.stderr,
+    if args.attn_p is not None and layer_map is None:
+        _note(
+            args,
+            "no --layer-map given; calibrating one on the prompt (run `specattn calibrate` "
+            "once for a better map)",
         )
     return config
 
 
+def _check_prompt_ids(prompt: list[int], vocab_size: int) -> None:
+    outside = [token for token in prompt if not 0 <= token < vocab_size]
+    if outside:
+        raise SpecAttnError(
+            f"prompt token ids {outside[:5]} are outside the verifier's vocabulary "
+            f"(0..{vocab_size - 1})"
+        )
+
+
 def cmd_generate(args) -> None:
+    context = _header(args)
+    if args.draft is None and _draft_source(args) is None:
+        _note(
+            args,
+            f"{args.verifier} has no default draft: decoding autoregressively. For "
+            f"speculative decoding pass --draft PATH, a smaller Llama with the same tokenizer",
+        )
     draft, verifier, tokenizer = _load_pair(args)
     if args.attn_p is not None and draft is None:
         raise SpecAttnError("--attn-p (SpecAttn) needs a --draft model")
     prompt = _prompt_ids(args, tokenizer)
+    _check_prompt_ids(prompt, verifier.config.vocab_size)
+    decoder = (
+        "autoregressive"
+        if draft is None
+        else ("specattn" if args.attn_p is not None else "speculative")
+    )
+    _note(args, f"{decoder} decoding; compiling the prefill and the step")
     stream = generate_stream(
         draft,
         verifier,
@@ -133,39 +221,50 @@ def cmd_generate(args) -> None:
     tokens: list[int] = []
     printed = ""
     start = time.perf_counter()
-    stats = {}
-    for new_tokens, step_stats in stream:
+    # Yields come after the prefill, then after each step; the first step compiles, so the
+    # warm rate counts from its end.
+    warm_start, warm_tokens = None, 0
+    for index, (new_tokens, step_stats) in enumerate(stream):
         tokens += new_tokens[0]
         stats = step_stats
+        if index == 1:
+            warm_start, warm_tokens = time.perf_counter(), len(tokens)
         if not args.json and tokenizer is not None:
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             sys.stdout.write(text[len(printed) :])
             sys.stdout.flush()
             printed = text
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
     text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else None
+    warm_seconds = end - warm_start if warm_start is not None else 0.0
     stats = {
         **stats,
-        "seconds": round(seconds, 3),
-        "decoder": "autoregressive"
-        if draft is None
-        else ("specattn" if args.attn_p is not None else "speculative"),
+        "seconds": round(end - start, 3),
+        "tokens_per_second": (len(tokens) - warm_tokens) / warm_seconds
+        if warm_seconds > 0 and len(tokens) > warm_tokens
+        else None,
+        "decoder": decoder,
     }
     if args.json:
-        print(json.dumps({"tokens": tokens, "text": text, "stats": stats}))
+        print(json.dumps({"tokens": tokens, "text": text, "stats": stats, **context}))
     else:
         print()
         print(_stats_line(stats), file=sys.stderr)
 
 
 def _stats_line(stats: dict) -> str:
-    parts = [f"{stats['decoder']}: {stats['tokens']} tokens, {stats['steps']} steps"]
+    parts = [
+        f"{stats['decoder']}: {_plural(stats['tokens'], 'token')}, "
+        f"{_plural(stats['steps'], 'step')}"
+    ]
     if stats.get("acceptance_rate") is not None:
         parts.append(f"acceptance {stats['acceptance_rate']:.1%}")
         parts.append(f"{stats['tokens_per_step']:.2f} tokens/step")
     if stats["decoder"] == "specattn":
         parts.append(f"KV reduction {stats['kv_reduction']:.1%}")
     parts.append(f"{stats['seconds']:.2f} s")
+    if stats.get("tokens_per_second") is not None:
+        parts.append(f"{stats['tokens_per_second']:.1f} tokens/s after compiling")
     return "[" + ", ".join(parts) + "]"
 
 
@@ -183,6 +282,7 @@ def read_text_source(source: str) -> str:
 
 
 def cmd_calibrate(args) -> None:
+    _header(args)
     draft, verifier, tokenizer = _load_pair(args)
     if draft is None:
         raise SpecAttnError("calibrate needs --draft")
@@ -221,7 +321,20 @@ def load_eval_texts(data: str, data_dir: str | None = None) -> list[str]:
     return [read_text_source(data)]
 
 
+def _method_value(args) -> float:
+    """--budget for the budget baselines, --attn-p for the others; the wrong one is refused."""
+    if args.method in BUDGET_METHODS:
+        if args.attn_p is not None:
+            raise SpecAttnError(f"--attn-p does not apply to {args.method}: give --budget")
+        return 0.3 if args.budget is None else args.budget
+    if args.budget is not None:
+        raise SpecAttnError(f"--budget does not apply to {args.method}: give --attn-p")
+    return 0.97 if args.attn_p is None else args.attn_p
+
+
 def cmd_eval_ppl(args) -> None:
+    _header(args)
+    value = _method_value(args)
     draft, verifier, tokenizer = _load_pair(args)
     if draft is None:
         raise SpecAttnError("eval-ppl needs --draft (its drafts drive every step)")
@@ -235,16 +348,19 @@ def cmd_eval_ppl(args) -> None:
     calibration = make_windows(
         tokenizer, load_eval_texts(args.calibration_data, args.data_dir), args.window, 4
     )
+    layer_map = _layer_map(args)
     factory = MethodFactory(
         draft,
         verifier,
         calibration,
-        layer_map=LayerMap.load(args.layer_map) if args.layer_map else None,
+        layer_map=layer_map,
         granularity=args.granularity,
         dense_layers=args.dense_layers,
+        progress=not args.json,
     )
-    value = args.budget if args.method in BUDGET_METHODS else args.attn_p
-    factory.selector(args.method, value)  # validate before the long run
+    if layer_map is None and args.method in ("specattn", "specattn_recent"):
+        _note(args, f"no --layer-map given: calibrating one on {args.calibration_data} first")
+    factory.selector(args.method, value)  # validate (and calibrate) before the long run
     rows = compare_methods(
         factory, windows, protocol, [(args.method, value)], mesh=mesh, progress=not args.json
     )
@@ -295,7 +411,11 @@ def _default_demo_pair() -> tuple[str, str | None]:
 
 
 def cmd_demo(args) -> None:
-    verifier, draft = _default_demo_pair() if not args.verifier else (args.verifier, args.draft)
+    context = _header(args)
+    if args.verifier:
+        verifier, draft = args.verifier, args.draft or default_draft(args.verifier)
+    else:
+        verifier, draft = _default_demo_pair()
     if not args.json:
         print(f"loading {verifier}" + (f" and {draft}" if draft else "") + " ...", file=sys.stderr)
     report = run_demo(
@@ -307,8 +427,9 @@ def cmd_demo(args) -> None:
         gamma=args.gamma,
         attn_p=args.attn_p,
         dtype=_jnp_dtype(args.dtype),
+        log=lambda message: _note(args, message),
     )
-    _emit(args, report, format_report(report))
+    _emit(args, {**report, **context}, format_report(report))
 
 
 def _add_mesh(parser: argparse.ArgumentParser) -> None:
@@ -320,11 +441,20 @@ def _add_mesh(parser: argparse.ArgumentParser) -> None:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="parameters and activations (default: bfloat16 on a GPU, float32 on CPU)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="specattn", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"specattn {importlib.metadata.version('specattn-jax')}",
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = commands.add_parser(
@@ -333,27 +463,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--verifier", help="checkpoint (default: the bundled verifier)")
     demo.add_argument("--draft", help="draft checkpoint (default: the bundled draft)")
     demo.add_argument("--prompt", help="prompt text (default: an excerpt of a test book)")
-    demo.add_argument("--prompt-tokens", type=int, default=1024)
-    demo.add_argument("--max-new-tokens", type=int, default=128)
-    demo.add_argument("--gamma", type=int, default=4)
-    demo.add_argument("--attn-p", type=float, default=0.97)
+    demo.add_argument(
+        "--prompt-tokens", type=int, default=1024, help="tokens of the default prompt"
+    )
+    demo.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
+    demo.add_argument("--gamma", type=int, default=4, help="tokens drafted per step")
+    demo.add_argument("--attn-p", type=float, default=0.97, help="SpecAttn's attention mass")
     _add_common(demo)
     demo.set_defaults(run=cmd_demo)
 
     generate = commands.add_parser("generate", help="decode text from a prompt")
-    generate.add_argument("--verifier", default="bundled:verifier")
     generate.add_argument(
-        "--draft", default="bundled:draft", help="draft checkpoint; 'none' decodes autoregressively"
+        "--verifier", default="bundled:verifier", help="checkpoint: directory, GGUF, .bin, hub id"
+    )
+    generate.add_argument(
+        "--draft",
+        help="draft checkpoint; 'none' decodes autoregressively (default: the bundled draft "
+        "for the bundled verifier, none for any other)",
     )
     generate.add_argument("--gamma", type=int, default=4, help="tokens drafted per step")
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    generate.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)"
+    )
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    generate.add_argument("--top-k", type=int, default=0)
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed")
     generate.add_argument("--cache-size", type=int, help="KV positions (default: what is needed)")
     generate.add_argument(
         "--prefill-chunk", type=int, help="prompt tokens per prefill forward (default: all)"
@@ -363,7 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--layer-map", help="layer map JSON from `specattn calibrate`")
     generate.add_argument("--granularity", type=int, default=1, help="tokens per KV block")
-    generate.add_argument("--dense-layers", type=int, default=2)
+    generate.add_argument(
+        "--dense-layers", type=int, default=2, help="leading verifier layers kept dense"
+    )
     generate.add_argument("--sinks", type=int, default=0, help="leading tokens always read")
     generate.add_argument("--recent", type=int, default=0, help="recent tokens always read")
     _add_mesh(generate)
@@ -371,42 +511,57 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=cmd_generate)
 
     calibrate = commands.add_parser("calibrate", help="calibrate the verifier->draft layer map")
-    calibrate.add_argument("--verifier", default="bundled:verifier")
-    calibrate.add_argument("--draft", default="bundled:draft")
+    calibrate.add_argument("--verifier", default="bundled:verifier", help="verifier checkpoint")
+    calibrate.add_argument(
+        "--draft", help="draft checkpoint (default: the bundled draft for the bundled verifier)"
+    )
     calibrate.add_argument(
         "--text", required=True, help="a split name (validation), a .txt file or a directory"
     )
     calibrate.add_argument("--data-dir", help="corpus folder (default ../shared/data/gutenberg)")
     calibrate.add_argument("--out", required=True, help="where to write the map (JSON)")
     calibrate.add_argument("--plot", help="also draw the KL heatmap to this PNG")
-    calibrate.add_argument("--seq-len", type=int, default=512)
-    calibrate.add_argument("--num-sequences", type=int, default=16)
+    calibrate.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    calibrate.add_argument("--num-sequences", type=int, default=16, help="sequences to average")
     _add_common(calibrate)
     calibrate.set_defaults(run=cmd_calibrate)
 
     evaluate = commands.add_parser(
         "eval-ppl", help="decode-time perplexity and measured KV reduction of a method"
     )
-    evaluate.add_argument("--verifier", default="bundled:verifier")
-    evaluate.add_argument("--draft", default="bundled:draft")
+    evaluate.add_argument("--verifier", default="bundled:verifier", help="verifier checkpoint")
     evaluate.add_argument(
-        "--method",
-        default="specattn",
-        choices=METHODS,
+        "--draft", help="draft checkpoint (default: the bundled draft for the bundled verifier)"
     )
-    evaluate.add_argument("--attn-p", type=float, default=0.97, help="specattn / oracle mass")
-    evaluate.add_argument("--budget", type=float, default=0.3, help="baselines: KV fraction")
+    evaluate.add_argument(
+        "--method", default="specattn", choices=METHODS, help="KV selection method"
+    )
+    evaluate.add_argument(
+        "--attn-p", type=float, help="specattn / oracle: attention mass to keep (default 0.97)"
+    )
+    evaluate.add_argument(
+        "--budget",
+        type=float,
+        help="quest / double_sparsity / streamingllm: KV fraction (default 0.3)",
+    )
     evaluate.add_argument("--data", default="test", help="split name or a .txt file/directory")
-    evaluate.add_argument("--calibration-data", default="validation")
+    evaluate.add_argument(
+        "--calibration-data", default="validation", help="text to calibrate a layer map on"
+    )
     evaluate.add_argument("--data-dir", help="corpus folder (default ../shared/data/gutenberg)")
-    evaluate.add_argument("--window", type=int, default=2048)
-    evaluate.add_argument("--prefix", type=int, default=1024)
-    evaluate.add_argument("--gamma", type=int, default=4)
-    evaluate.add_argument("--num-windows", type=int, default=8)
-    evaluate.add_argument("--batch-size", type=int, default=4)
-    evaluate.add_argument("--granularity", type=int, default=1)
-    evaluate.add_argument("--dense-layers", type=int, default=2)
-    evaluate.add_argument("--layer-map", help="layer map JSON (default: calibrate)")
+    evaluate.add_argument("--window", type=int, default=2048, help="tokens per window")
+    evaluate.add_argument("--prefix", type=int, default=1024, help="prefilled tokens per window")
+    evaluate.add_argument("--gamma", type=int, default=4, help="tokens drafted per step")
+    evaluate.add_argument("--num-windows", type=int, default=8, help="windows to score")
+    evaluate.add_argument("--batch-size", type=int, default=4, help="windows per batch")
+    evaluate.add_argument("--granularity", type=int, default=1, help="tokens per KV block")
+    evaluate.add_argument(
+        "--dense-layers", type=int, default=2, help="leading verifier layers kept dense"
+    )
+    evaluate.add_argument(
+        "--layer-map",
+        help="layer map JSON (default: the bundled map for the bundled pair, else calibrate one)",
+    )
     _add_mesh(evaluate)
     _add_common(evaluate)
     evaluate.set_defaults(run=cmd_eval_ppl)
@@ -423,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
         "src", help="HF directory, orbax directory, GGUF file, llama2.c .bin, or hub id"
     )
     convert.add_argument("dst", help="output directory")
-    convert.add_argument("--format", choices=("hf", "orbax"), default="hf")
+    convert.add_argument("--format", choices=("hf", "orbax"), default="hf", help="output format")
     _add_common(convert)
     convert.set_defaults(run=cmd_convert)
     return parser
@@ -436,9 +591,14 @@ def main(argv: list[str] | None = None) -> int:
             cmd_train(argv[1:])
             return 0
         args = build_parser().parse_args(argv)
+        if getattr(args, "dtype", "") is None:
+            args.dtype = default_dtype()
         args.run(args)
     except SpecAttnError as e:
-        print(f"specattn: error: {e}", file=sys.stderr)
+        if "--json" in argv:
+            print(json.dumps({"error": str(e)}), file=sys.stderr)
+        else:
+            print(f"specattn: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("specattn: interrupted", file=sys.stderr)

@@ -58,6 +58,11 @@ def read_manifest(data_dir: str | Path | None = None) -> list[Book]:
     """Every book of the manifest, in manifest order."""
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     manifest = data_dir / MANIFEST
+    if not data_dir.is_dir():
+        raise SpecAttnError(
+            f"the corpus folder {data_dir} does not exist: point SPECATTN_DATA_DIR (or "
+            f"--data-dir) at the Gutenberg corpus folder, the one holding {MANIFEST}"
+        )
     if not manifest.is_file():
         raise SpecAttnError(f"no {MANIFEST} in {data_dir}: is this the Gutenberg corpus folder?")
     with manifest.open(newline="", encoding="utf-8") as f:

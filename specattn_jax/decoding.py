@@ -135,11 +135,11 @@ def run_to_completion(step: Callable, state, max_steps: int):
 
 
 def stream(step: Callable, state, max_steps: int) -> Iterator[tuple[list[list[int]], object]]:
-    """Host-driven loop: yields (new tokens per sequence, state) after each step."""
+    """Host-driven loop: yields (new tokens per sequence, state) for the given state (the
+    prefill's tokens, if any) and after each step."""
     seen = np.asarray(state.progress.num_generated)
-    if seen.any():
-        output = np.asarray(state.progress.output)
-        yield [output[b, :n].tolist() for b, n in enumerate(seen)], state
+    output = np.asarray(state.progress.output)
+    yield [output[b, :n].tolist() for b, n in enumerate(seen)], state
     for _ in range(max_steps):
         if bool(np.all(np.asarray(state.progress.done))):
             return

@@ -10,13 +10,13 @@ tokens may drift from the dense verifier's).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from specattn_jax.data import split_books
 from specattn_jax.errors import SpecAttnError
-from specattn_jax.layer_map import LayerMap
-from specattn_jax.loading import ASSETS, load_pretrained
+from specattn_jax.loading import default_layer_map, load_pair
 from specattn_jax.model import count_params
-from specattn_jax.speculative import SpecConfig, check_compatible, generate
+from specattn_jax.speculative import SpecConfig, generate
 
 FALLBACK_PROMPT = (
     "It was late in the autumn when the old captain came back to the village. The harbour was "
@@ -35,7 +35,7 @@ def default_prompt(tokenizer, num_tokens: int) -> tuple[str, str]:
     except SpecAttnError:
         return FALLBACK_PROMPT, "a built-in paragraph (the Gutenberg corpus is not beside us)"
     excerpt = text[len(text) // 3 : len(text) // 3 + 12 * num_tokens]
-    ids = tokenizer(excerpt)["input_ids"][1 : num_tokens + 1]
+    ids = tokenizer(excerpt, verbose=False)["input_ids"][1 : num_tokens + 1]
     return tokenizer.decode(ids), f'{len(ids)} tokens from the test book "{book.title}"'
 
 
@@ -49,28 +49,24 @@ def run_demo(
     gamma: int,
     attn_p: float,
     dtype,
+    log: Callable[[str], None] = lambda message: None,
 ) -> dict:
-    """Runs the decoders; returns a dict with the models, prompt, continuation and rows."""
-    verifier, tokenizer = load_pretrained(verifier_source, dtype)
-    draft = None
-    if draft_source:
-        draft, draft_tokenizer = load_pretrained(draft_source, dtype)
-        check_compatible(draft, verifier, draft_tokenizer, tokenizer)
+    """Runs the decoders; returns a dict with the models, prompt, continuation and rows.
+    `log` receives a line before each decoder compiles and runs."""
+    draft, verifier, tokenizer = load_pair(verifier_source, draft_source, dtype)
     if prompt is None:
         prompt, prompt_origin = default_prompt(tokenizer, prompt_tokens)
     else:
         prompt_origin = "given"
-    ids = list(tokenizer(prompt)["input_ids"])
+    ids = list(tokenizer(prompt, verbose=False)["input_ids"])
     configs = {"autoregressive": None}
     if draft is not None:
-        layer_map = None
-        bundled_map = ASSETS / "layer_map.json"
-        if (verifier_source, draft_source) == ("bundled:verifier", "bundled:draft"):
-            layer_map = LayerMap.load(bundled_map) if bundled_map.is_file() else None
+        layer_map = default_layer_map(verifier_source, draft_source)
         configs["speculative"] = SpecConfig(gamma=gamma)
         configs["specattn"] = SpecConfig(gamma=gamma, attn_p=attn_p, layer_map=layer_map)
     rows, outputs = {}, {}
     for name, config in configs.items():
+        log(f"{name}: compiling, then timing a warm run")
         run = lambda config=config: generate(  # noqa: E731
             None if config is None else draft, verifier, [ids], config,
             max_new_tokens=max_new_tokens, eos_id=None,

@@ -23,10 +23,15 @@ from specattn_jax.convert.gguf import is_gguf, load_gguf_model, load_gguf_tokeni
 from specattn_jax.convert.hf import load_hf_model
 from specattn_jax.convert.llama2c import llama2c_tokenizer, load_llama2c_model
 from specattn_jax.convert.orbax_io import is_orbax_checkpoint, load_orbax
-from specattn_jax.errors import CheckpointError
+from specattn_jax.errors import CheckpointError, IncompatibleModelsError
+from specattn_jax.layer_map import LayerMap
+from specattn_jax.speculative import check_compatible
 
 ASSETS = Path(__file__).parent / "assets"
 BUNDLED = ("verifier", "draft")
+BUNDLED_LAYER_MAP = ASSETS / "layer_map.json"
+# `load_pair`'s draft argument meaning "the verifier's own default draft".
+DEFAULT_DRAFT = "default"
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]
 
 
@@ -151,3 +156,52 @@ def load_sharded(
         source, dtype, place=sharding.param_placer(mesh, dtype, rules)
     )
     return sharding.shard_model(model, mesh, rules), tokenizer
+
+
+def default_draft(verifier_source: str | Path) -> str | None:
+    """The draft that goes with a verifier when none is named: the bundled draft for the
+    bundled verifier, and none (plain decoding) for any other, since a draft must share the
+    verifier's tokenizer."""
+    return "bundled:draft" if str(verifier_source) == "bundled:verifier" else None
+
+
+def default_layer_map(verifier_source: str | Path, draft_source: str | Path | None):
+    """The shipped layer map for the bundled pair, else None (calibrate one)."""
+    bundled = (str(verifier_source), str(draft_source)) == ("bundled:verifier", "bundled:draft")
+    return LayerMap.load(BUNDLED_LAYER_MAP) if bundled and BUNDLED_LAYER_MAP.is_file() else None
+
+
+def load_pair(
+    verifier_source: str | Path,
+    draft_source: str | Path | None = DEFAULT_DRAFT,
+    dtype=jnp.float32,
+):
+    """Loads a verifier and its draft, checked to share one tokenizer.
+
+    Args:
+      verifier_source: as `load_pretrained`'s source.
+      draft_source: as `load_pretrained`'s source; `DEFAULT_DRAFT` takes `default_draft`
+        (the bundled draft for the bundled verifier, no draft for any other); None loads no
+        draft (plain decoding).
+      dtype: as `load_pretrained`'s.
+
+    Returns:
+      (draft or None, verifier, tokenizer): the tokenizer is the verifier's.
+
+    Raises:
+      IncompatibleModelsError: the vocabularies differ, or the draft has no tokenizer to
+        compare while the verifier has one.
+    """
+    if draft_source == DEFAULT_DRAFT:
+        draft_source = default_draft(verifier_source)
+    verifier, tokenizer = load_pretrained(verifier_source, dtype)
+    if draft_source is None:
+        return None, verifier, tokenizer
+    draft, draft_tokenizer = load_pretrained(draft_source, dtype)
+    if draft_tokenizer is None and tokenizer is not None:
+        raise IncompatibleModelsError(
+            f"the draft {draft_source} has no tokenizer, so its token ids cannot be checked "
+            f"against the verifier's; save the verifier's tokenizer beside it"
+        )
+    check_compatible(draft, verifier, draft_tokenizer, tokenizer)
+    return draft, verifier, tokenizer

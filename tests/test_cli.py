@@ -2,12 +2,15 @@
 tokens as the API, and bad input as one `specattn: error: ...` line with exit status 2."""
 
 import json
+import shutil
 
 import jax
 import pytest
 
-from specattn_jax.cli import main
-from specattn_jax.loading import ASSETS, load_pretrained
+from specattn_jax.cli import _stats_line, build_parser, main
+from specattn_jax.demo import default_prompt
+from specattn_jax.errors import IncompatibleModelsError
+from specattn_jax.loading import ASSETS, load_pair, load_pretrained
 from specattn_jax.speculative import SpecConfig, generate
 
 PROMPT = "It was late in the autumn when the old captain came back to the village."
@@ -19,11 +22,13 @@ def run_json(capsys, *argv) -> dict:
 
 
 def run_error(capsys, *argv) -> str:
+    """The one error line of a failed command; the run's header and notes may precede it."""
     assert main(list(argv)) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("specattn: error: "), captured.err
-    return lines[0]
+    assert lines[-1].startswith("specattn: error: "), captured.err
+    assert all(line.startswith(("specattn ", "note: ")) for line in lines[:-1]), captured.err
+    return lines[-1]
 
 
 def test_generate_speculative_json_matches_the_api(capsys):
@@ -116,10 +121,23 @@ def test_demo_json(capsys):
         (["eval-ppl", "--method", "nope"], "invalid choice: 'nope'"),
         (["calibrate", "--text", "/nonexistent.txt", "--out", "m.json"], "text not found"),
         (["generate", "--prompt", "x", "--prefill-chunk", "0"], "prefill_chunk=0 must be"),
+        (["generate", "--prompt-ids", "1,2,99999"], "[99999] are outside the verifier's"),
+        (["generate", "--prompt-ids", "-3"], "[-3] are outside the verifier's vocabulary"),
+        (["generate", "--prompt", " "], "--prompt is empty"),
+        (["generate", "--prompt-ids", ""], "is not a comma-separated list"),
+        (
+            ["eval-ppl", "--method", "quest", "--attn-p", "0.9"],
+            "--attn-p does not apply to quest: give --budget",
+        ),
+        (["eval-ppl", "--budget", "0.3"], "--budget does not apply to specattn: give --attn-p"),
+        ([], "the following arguments are required: command"),
+        (["generate"], "generate: one of the arguments --prompt --prompt-ids is required"),
     ],
     ids=[
         "missing-checkpoint", "attn-p", "gamma", "prompt-too-long", "mesh-kv-heads",
         "mesh-devices", "mesh-axis", "method", "calibration-text", "prefill-chunk",
+        "id-beyond-vocab", "negative-id", "empty-prompt", "empty-prompt-ids",
+        "quest-with-attn-p", "specattn-with-budget", "no-command", "no-prompt",
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
@@ -137,3 +155,110 @@ def test_layer_map_for_other_models_is_refused(capsys, tmp_path, stories260k_dir
         "--layer-map", str(tmp_path / "short.json"),
     )  # fmt: skip
     assert "the layer map has 7 entries but the verifier has 8 layers" in line
+
+
+def test_usage_errors_name_the_program_once(capsys):
+    assert not run_error(capsys).startswith("specattn: error: specattn")
+
+
+def test_errors_with_json_are_one_object_on_stderr(capsys):
+    assert main(["generate", "--prompt-ids", "1,99999", "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.strip().splitlines()
+    assert "outside the verifier's vocabulary" in json.loads(line)["error"]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("specattn 0.")
+
+
+def test_help_shows_defaults_and_describes_every_option():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    generate_help = commands["generate"].format_help()
+    assert "tokens to generate (default: 64)" in " ".join(generate_help.split())
+    for name in ("demo", "generate", "calibrate", "eval-ppl", "convert"):
+        for action in commands[name]._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+
+
+def test_a_user_verifier_decodes_plainly_and_says_so(capsys, stories260k_dir):
+    """No --draft: the bundled draft goes only with the bundled verifier; any other verifier
+    decodes autoregressively, with one note saying so and how to add a draft."""
+    verifier = str(stories260k_dir / "stories260K.bin")
+    assert main(["generate", "--verifier", verifier, "--prompt", "Once upon a time",
+                 "--max-new-tokens", "8"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "has no default draft" in line]
+    assert len(notes) == 1 and "--draft PATH" in notes[0]
+    assert "autoregressive: 8 tokens, 7 steps" in err  # the prefill makes the first
+    out = run_json(capsys, "generate", "--verifier", verifier, "--prompt-ids", "1,403,407",
+                   "--max-new-tokens", "4")  # fmt: skip
+    assert out["stats"]["decoder"] == "autoregressive"
+    assert load_pair(verifier)[0] is None
+    assert load_pair("bundled:verifier")[0] is not None
+
+
+def test_a_draft_without_a_tokenizer_is_refused(tmp_path):
+    draft = tmp_path / "draft"
+    shutil.copytree(ASSETS / "draft", draft, ignore=shutil.ignore_patterns("tokenizer*"))
+    with pytest.raises(IncompatibleModelsError, match="has no tokenizer"):
+        load_pair("bundled:verifier", draft)
+
+
+def test_zero_new_tokens(capsys):
+    out = run_json(capsys, "generate", "--prompt", PROMPT, "--max-new-tokens", "0")
+    assert out["tokens"] == [] and out["text"] == ""
+    assert (out["stats"]["tokens"], out["stats"]["steps"]) == (0, 0)
+    assert main(["generate", "--prompt", PROMPT, "--max-new-tokens", "0"]) == 0
+    assert "speculative: 0 tokens, 0 steps" in capsys.readouterr().err
+
+
+def test_stats_line_counts_in_the_singular():
+    line = _stats_line({"decoder": "autoregressive", "tokens": 1, "steps": 1, "seconds": 0.5})
+    assert line.startswith("[autoregressive: 1 token, 1 step,")
+
+
+def test_header_line_and_warm_rate(capsys):
+    assert main(["generate", "--prompt", PROMPT, "--max-new-tokens", "24", "--draft", "none"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("specattn generate: ")
+    assert err[0].endswith("cpu (cpu), attention: jnp reference, dtype float32")
+    assert "tokens/s after compiling" in err[-1]
+    out = run_json(capsys, "generate", "--prompt", PROMPT, "--max-new-tokens", "24")
+    assert out["device"].endswith("cpu (cpu)")
+    assert (out["backend"], out["dtype"]) == ("jnp reference", "float32")
+    assert out["stats"]["tokens_per_second"] > 0
+
+
+def test_specattn_on_the_bundled_pair_uses_the_bundled_map(capsys):
+    out = run_json(capsys, "generate", "--prompt", PROMPT, "--max-new-tokens", "6",
+                   "--attn-p", "0.9")  # fmt: skip
+    assert out["stats"]["layer_map"] == "given"
+
+
+def test_missing_corpus_names_the_folder_and_the_variable(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECATTN_DATA_DIR", str(tmp_path / "nowhere"))
+    line = run_error(capsys, "calibrate", "--text", "validation", "--out", "m.json")
+    assert "nowhere does not exist" in line and "SPECATTN_DATA_DIR" in line
+
+
+def test_transformers_torch_notice_is_dropped_and_nothing_else(capfd):
+    from transformers.utils import logging as transformers_logging
+
+    logger = transformers_logging.get_logger("transformers")  # its own handler, on stderr
+    logger.warning("PyTorch was not found. Models won't be available.")
+    logger.warning("another warning")
+    err = capfd.readouterr().err
+    assert "PyTorch was not found" not in err and "another warning" in err
+
+
+def test_the_demo_prompt_raises_no_length_warning(capfd):
+    _, tokenizer = load_pretrained("bundled:verifier")
+    text, _ = default_prompt(tokenizer, 1024)
+    assert len(tokenizer(text, verbose=False)["input_ids"]) > tokenizer.model_max_length // 2
+    assert "indexing errors" not in capfd.readouterr().err

@@ -80,6 +80,7 @@ class MethodFactory:
       dense_layers: leading verifier layers every method leaves dense.
       recent_window: context tokens "specattn_recent" always reads (besides its sinks).
       backend: kernel backend for the top-p search.
+      progress: show a progress bar while calibrating.
     """
 
     draft: Llama
@@ -90,11 +91,14 @@ class MethodFactory:
     dense_layers: int = 2
     recent_window: int = RECENT_WINDOW
     backend: str = "auto"
+    progress: bool = False
     _channels: object = None
 
     def get_layer_map(self) -> LayerMap:
         if self.layer_map is None:
-            self.layer_map = calibrate(self.draft, self.verifier, self.calibration)
+            self.layer_map = calibrate(
+                self.draft, self.verifier, self.calibration, progress=self.progress
+            )
         self.layer_map.check_fits(self.draft, self.verifier)
         return self.layer_map
 

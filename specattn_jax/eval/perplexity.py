@@ -151,8 +151,10 @@ def decode_time_perplexity(
     backend: str = "auto",
     mesh: Mesh | None = None,
     progress: bool = False,
+    label: str = "perplexity",
 ) -> dict:
     """Perplexity and measured KV reduction of `selector` (None: dense) on i32[N, W] windows.
+    `label` names the progress bar.
 
     With a `mesh`, the verifier runs tensor-parallel over "model" (its attention per device
     on its own KV heads), the draft replicated, the windows of a batch split over "data".
@@ -181,7 +183,7 @@ def decode_time_perplexity(
     read_total = np.zeros(num_layers)
     dense_total = 0.0
     batches = range(0, len(windows), batch_size)
-    for start in tqdm(batches, desc="perplexity", disable=not progress):
+    for start in tqdm(batches, desc=label, disable=not progress):
         batch = windows[start : start + batch_size]
         if len(batch) < batch_size:  # pad with copies (one compile); the copies are not scored
             batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), 0)])

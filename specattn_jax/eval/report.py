@@ -38,6 +38,7 @@ def compare_methods(
             backend=backend,
             mesh=mesh,
             progress=progress,
+            label=f"perplexity, {method}" + ("" if value is None else f" {value}"),
         )
         dense = dense or result
         rows.append(
