@@ -21,6 +21,7 @@ import numpy as np
 
 from pallas_kernels import default_backend
 from specattn_jax import train
+from specattn_jax.chat import chat_prompt
 from specattn_jax.convert.hf import save_hf_model
 from specattn_jax.convert.orbax_io import save_orbax
 from specattn_jax.data import SPLITS, load_split_dataset
@@ -40,8 +41,18 @@ from specattn_jax.loading import (
 from specattn_jax.sampling import make_sampler
 from specattn_jax.sharding import make_mesh
 from specattn_jax.speculative import SpecConfig, generate_stream
+from specattn_jax.stopping import text_before_stop
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless it is unset (None) or a flag's off state."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,7 +60,7 @@ class _Parser(argparse.ArgumentParser):
     `--help`."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message):
@@ -119,6 +130,8 @@ def _prompt_ids(args, tokenizer) -> list[int]:
             ) from None
     if not args.prompt.strip():
         raise SpecAttnError("--prompt is empty")
+    if args.chat:
+        return chat_prompt(tokenizer, args.prompt, args.system)
     return _encode(tokenizer, args.prompt)
 
 
@@ -198,6 +211,10 @@ def cmd_generate(args) -> None:
     draft, verifier, tokenizer = _load_pair(args)
     if args.attn_p is not None and draft is None:
         raise SpecAttnError("--attn-p (SpecAttn) needs a --draft model")
+    if args.system is not None and not args.chat:
+        raise SpecAttnError("--system needs --chat")
+    if args.chat and args.prompt is None:
+        raise SpecAttnError("--chat needs --prompt (text), not --prompt-ids")
     prompt = _prompt_ids(args, tokenizer)
     _check_prompt_ids(prompt, verifier.config.vocab_size)
     decoder = (
@@ -217,8 +234,11 @@ def cmd_generate(args) -> None:
         cache_size=args.cache_size,
         mesh=_mesh(args),
         prefill_chunk=args.prefill_chunk,
+        stop_strings=args.stop,
+        tokenizer=tokenizer,
     )
     tokens: list[int] = []
+    stops = args.stop or ()
     printed = ""
     start = time.perf_counter()
     # Yields come after the prefill, then after each step; the first step compiles, so the
@@ -230,12 +250,14 @@ def cmd_generate(args) -> None:
         if index == 1:
             warm_start, warm_tokens = time.perf_counter(), len(tokens)
         if not args.json and tokenizer is not None:
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            text = text_before_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
             sys.stdout.write(text[len(printed) :])
             sys.stdout.flush()
             printed = text
     end = time.perf_counter()
-    text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else None
+    text = None
+    if tokenizer is not None:
+        text = text_before_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
     warm_seconds = end - warm_start if warm_start is not None else 0.0
     stats = {
         **stats,
@@ -246,7 +268,8 @@ def cmd_generate(args) -> None:
         "decoder": decoder,
     }
     if args.json:
-        print(json.dumps({"tokens": tokens, "text": text, "stats": stats, **context}))
+        payload = {"prompt_ids": prompt, "tokens": tokens, "text": text, "stats": stats}
+        print(json.dumps({**payload, **context}))
     else:
         print()
         print(_stats_line(stats), file=sys.stderr)
@@ -485,6 +508,17 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = generate.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text")
     prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
+    generate.add_argument(
+        "--chat",
+        action="store_true",
+        help="send --prompt as a user turn in the tokenizer's chat template",
+    )
+    generate.add_argument("--system", help="system prompt (with --chat)")
+    generate.add_argument(
+        "--stop",
+        action="append",
+        help="stop after this text; repeat for several (the output ends before it)",
+    )
     generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     generate.add_argument(
         "--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)"

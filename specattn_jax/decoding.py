@@ -53,10 +53,11 @@ class DecodeProgress:
         self,
         tokens: jax.Array,  # i32[B, K]
         counts: jax.Array,  # i32[B]
-        eos_ids: tuple[int, ...],
+        stop_sequences: tuple[tuple[int, ...], ...],
     ) -> tuple[DecodeProgress, jax.Array]:
-        """Appends each row's first `counts[b]` tokens, cut after the first of any of the
-        stop tokens `eos_ids` and at the budget.
+        """Appends each row's first `counts[b]` tokens, cut after the first completed stop
+        sequence (an EOS id is one of length 1; longer ones may begin in earlier steps' tokens)
+        and at the budget.
 
         Rows already done append nothing. Returns the new progress and i32[B], the number of
         tokens actually appended per row.
@@ -64,20 +65,45 @@ class DecodeProgress:
         num_new = tokens.shape[1]
         offsets = jnp.arange(num_new, dtype=jnp.int32)
         take = jnp.where(self.done, 0, counts)
-        is_eos = jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32)) & (
-            offsets[None, :] < take[:, None]
-        )  # bool[B, K]
-        first_eos = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1), num_new)
-        take = jnp.minimum(take, first_eos + 1)
+        first_stop = self._first_stop(tokens, stop_sequences)  # i32[B], num_new if none
+        take = jnp.where(first_stop < take, first_stop + 1, take)
         take = jnp.minimum(take, self.budgets - self.num_generated)
         positions = self.num_generated[:, None] + offsets[None, :]
         positions = jnp.where(offsets[None, :] < take[:, None], positions, self.output.shape[1])
         output = scatter_rows(self.output, positions, tokens)
         num_generated = self.num_generated + take
-        done = self.done | (num_generated >= self.budgets) | (first_eos < take)
+        done = self.done | (num_generated >= self.budgets) | (first_stop < take)
         return dataclasses.replace(
             self, output=output, num_generated=num_generated, done=done
         ), take
+
+    def _first_stop(
+        self,
+        tokens: jax.Array,  # i32[B, K]
+        stop_sequences: tuple[tuple[int, ...], ...],
+    ) -> jax.Array:  # i32[B]
+        """Per row, the first offset into `tokens` at which a stop sequence ends, matched
+        over the tokens generated before them and these; K where none does."""
+        batch, num_new = tokens.shape
+        if not stop_sequences:
+            return jnp.full((batch,), num_new, jnp.int32)
+        history = max(len(sequence) for sequence in stop_sequences) - 1
+        past = jnp.full((batch, history), PAD_TOKEN, jnp.int32)  # before generation: no match
+        if history and self.output.shape[1]:
+            positions = self.num_generated[:, None] - history + jnp.arange(history)[None, :]
+            earlier = jnp.take_along_axis(
+                self.output, jnp.clip(positions, 0, self.output.shape[1] - 1), axis=1
+            )
+            past = jnp.where(positions >= 0, earlier, PAD_TOKEN)
+        window = jnp.concatenate([past, tokens], axis=1)  # i32[B, history + K]
+        ends = jnp.zeros((batch, num_new), bool)
+        for sequence in stop_sequences:
+            match = jnp.ones((batch, num_new), bool)
+            for i, token in enumerate(sequence):  # token i sits len - 1 - i before the end
+                start = history - (len(sequence) - 1) + i
+                match &= window[:, start : start + num_new] == token
+            ends |= match
+        return jnp.where(ends.any(axis=1), jnp.argmax(ends, axis=1), num_new).astype(jnp.int32)
 
 
 def pad_prompts(

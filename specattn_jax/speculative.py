@@ -62,6 +62,13 @@ from specattn_jax.selection import (
     sparse_layer_flags,
 )
 from specattn_jax.selection.specattn import AGGREGATES
+from specattn_jax.stopping import (
+    StopSequences,
+    check_stop_strings,
+    cut_at_stop,
+    stop_index,
+    stop_token_sequences,
+)
 
 # A layer map calibrated on the prompts uses at most this many leading tokens of each:
 # calibration holds every layer's attention over its tokens, f32[L, T, T].
@@ -224,7 +231,8 @@ class Decoder:
       draft: the draft's graph definition, or None (autoregressive decoding).
       verifier: the verifier's graph definition.
       gamma: tokens drafted per step (0 without a draft).
-      eos_ids: the stop tokens (empty: none).
+      stop_sequences: token sequences that end a sequence: each EOS id alone, and the stop
+        strings the tokenizer encodes exactly (`stopping.stop_token_sequences`).
       backend: "auto", "pallas" or "reference" for the kernels.
       verifier_attend: the verifier's attention function (`sharding.attention_for(mesh)`).
       prefill_chunk: prompt tokens per prefill forward (None: the whole prompt at once).
@@ -233,7 +241,7 @@ class Decoder:
     draft: nnx.GraphDef | None
     verifier: nnx.GraphDef
     gamma: int
-    eos_ids: tuple[int, ...]
+    stop_sequences: StopSequences
     backend: str
     verifier_attend: Attend = attend
     prefill_chunk: int | None = None
@@ -386,7 +394,9 @@ def spec_step(
         offsets = jnp.arange(gamma + 1)[None, :]
         padded_drafts = jnp.pad(drafted, ((0, 0), (0, 1)))
         new_tokens = jnp.where(offsets == num_accepted[:, None], next_token[:, None], padded_drafts)
-        progress, taken = state.progress.append(new_tokens, num_accepted + 1, decoder.eos_ids)
+        progress, taken = state.progress.append(
+            new_tokens, num_accepted + 1, decoder.stop_sequences
+        )
         seq_lengths = state.seq_lengths + taken
         history = jnp.concatenate([state.last_two, new_tokens], axis=1)
         last_two = jnp.take_along_axis(history, taken[:, None] + jnp.arange(2)[None, :], axis=1)
@@ -431,7 +441,7 @@ def prefill(
             _, draft_cache = chunked(draft, tokens, caches.draft)
     first = rule.sample(logits, jax.random.fold_in(key, 0))
     progress, taken = DecodeProgress.init(budgets, max_new).append(
-        first[:, None], jnp.ones_like(lengths), decoder.eos_ids
+        first[:, None], jnp.ones_like(lengths), decoder.stop_sequences
     )
     last_prompt_token = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0]
     num_layers = verifier.config.num_hidden_layers
@@ -501,7 +511,7 @@ class _Run:
 
 def _setup(
     draft, verifier, prompts, config, max_new_tokens, cache_size, key, eos_id, sampler, mesh,
-    prefill_chunk=None,
+    prefill_chunk=None, stop_sequences=(),
 ) -> _Run:  # fmt: skip
     """Checks the inputs, builds the selector, places models and caches (on `mesh`)."""
     if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
@@ -541,7 +551,13 @@ def _setup(
             draft=draft_graphdef,
             verifier=verifier_graphdef,
             gamma=gamma,
-            eos_ids=verifier.config.eos_token_ids if eos_id == "config" else stop_token_ids(eos_id),
+            stop_sequences=tuple(
+                (token,)
+                for token in (
+                    verifier.config.eos_token_ids if eos_id == "config" else stop_token_ids(eos_id)
+                )
+            )
+            + stop_sequences,
             backend=config.backend,
             verifier_attend=sharding.attention_for(mesh),
             prefill_chunk=prefill_chunk,
@@ -580,6 +596,8 @@ def generate(
     cache_size: int | None = None,
     mesh: Mesh | None = None,
     prefill_chunk: int | None = None,
+    stop_strings: Sequence[str] | None = None,
+    tokenizer=None,
 ) -> GenerationResult:
     """Speculative decoding of a batch of prompts, entirely on device.
 
@@ -606,17 +624,25 @@ def generate(
         replicated, the batch split over "data". None runs on the default device.
       prefill_chunk: prompt tokens per prefill forward (`Llama.prefill`); None prefills
         each prompt in one forward. Chunks bound prefill memory by the chunk, not the prompt.
+      stop_strings: texts that end a sequence (with `tokenizer`). Inside the jitted loop a
+        stop string is matched as the tokens it encodes to alone, where those decode back to
+        exactly it; after the loop each sequence is also cut on the host after the token
+        that completes its first stop string, however it was tokenized (`stopping`).
+      tokenizer: the verifier's tokenizer (needed for `stop_strings`).
 
     Returns:
       `GenerationResult`: tokens per prompt, and stats (`spec_stats`: steps, tokens, drafted,
       accepted, acceptance_rate, tokens_per_step, the KV reduction and the KV bill).
     """
+    stop_strings = check_stop_strings(stop_strings, tokenizer)
     run = _setup(
         draft, verifier, prompts, config or SpecConfig(), max_new_tokens, cache_size, key,
-        eos_id, sampler, mesh, prefill_chunk,
+        eos_id, sampler, mesh, prefill_chunk, stop_token_sequences(tokenizer, stop_strings),
     )  # fmt: skip
     state = _generate(*run.prefill_args, run.selector)
-    return GenerationResult.from_progress(state.progress, spec_stats(state, **run.stats_context))
+    result = GenerationResult.from_progress(state.progress, spec_stats(state, **run.stats_context))
+    tokens = [cut_at_stop(tokenizer, row, stop_strings) for row in result.tokens]
+    return dataclasses.replace(result, tokens=tokens)
 
 
 def generate_stream(
@@ -632,17 +658,37 @@ def generate_stream(
     cache_size: int | None = None,
     mesh: Mesh | None = None,
     prefill_chunk: int | None = None,
+    stop_strings: Sequence[str] | None = None,
+    tokenizer=None,
 ) -> Iterator[tuple[list[list[int]], dict]]:
     """Like `generate`, driven from the host: yields (tokens accepted per sequence, running
-    stats) after the prefill and after every step, for streaming output."""
+    stats) after the prefill and after every step, for streaming output. Stop strings are
+    checked on the host after every step (as well as in the loop, as `generate`'s): a
+    sequence yields nothing after the token that completes one, and the stream ends when
+    every sequence has stopped."""
+    stop_strings = check_stop_strings(stop_strings, tokenizer)
     run = _setup(
         draft, verifier, prompts, config or SpecConfig(), max_new_tokens, cache_size, key,
-        eos_id, sampler, mesh, prefill_chunk,
+        eos_id, sampler, mesh, prefill_chunk, stop_token_sequences(tokenizer, stop_strings),
     )  # fmt: skip
     state = _jit_prefill(*run.prefill_args)
     step = functools.partial(_jit_step, run.decoder, run.params, run.rule, run.selector)
+    so_far: list[list[int]] = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
     for new_tokens, stepped in stream(step, state, max_steps=max_new_tokens):
+        for row, tokens in enumerate(new_tokens):
+            if stopped[row]:
+                new_tokens[row] = []
+                continue
+            text_tokens = so_far[row] + tokens
+            end = stop_index(tokenizer, text_tokens, stop_strings) if stop_strings else None
+            if end is not None:
+                new_tokens[row] = text_tokens[len(so_far[row]) : end]
+                stopped[row] = True
+            so_far[row] += new_tokens[row]
         yield new_tokens, spec_stats(stepped, **run.stats_context)
+        if all(stopped):
+            return
 
 
 def kv_reduction(

@@ -131,13 +131,18 @@ def test_demo_json(capsys):
         ),
         (["eval-ppl", "--budget", "0.3"], "--budget does not apply to specattn: give --attn-p"),
         ([], "the following arguments are required: command"),
+        (["generate", "--prompt", "x", "--stop", ""], "stop strings must be non-empty"),
+        (["generate", "--prompt", "x", "--chat"], "has no chat template"),
+        (["generate", "--prompt", "x", "--system", "s"], "--system needs --chat"),
+        (["generate", "--prompt-ids", "1,2", "--chat"], "--chat needs --prompt"),
         (["generate"], "generate: one of the arguments --prompt --prompt-ids is required"),
     ],
     ids=[
         "missing-checkpoint", "attn-p", "gamma", "prompt-too-long", "mesh-kv-heads",
         "mesh-devices", "mesh-axis", "method", "calibration-text", "prefill-chunk",
         "id-beyond-vocab", "negative-id", "empty-prompt", "empty-prompt-ids",
-        "quest-with-attn-p", "specattn-with-budget", "no-command", "no-prompt",
+        "quest-with-attn-p", "specattn-with-budget", "no-command", "empty-stop",
+        "chat-without-template", "system-without-chat", "chat-with-ids", "no-prompt",
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
@@ -262,3 +267,33 @@ def test_the_demo_prompt_raises_no_length_warning(capfd):
     text, _ = default_prompt(tokenizer, 1024)
     assert len(tokenizer(text, verbose=False)["input_ids"]) > tokenizer.model_max_length // 2
     assert "indexing errors" not in capfd.readouterr().err
+
+
+def test_stop_text_ends_the_output_before_it(capsys):
+    free = run_json(capsys, "generate", "--prompt", PROMPT, "--max-new-tokens", "24")
+    stop = free["text"].split()[3]
+    out = run_json(capsys, "generate", "--prompt", PROMPT, "--max-new-tokens", "24",
+                   "--stop", "no such text", "--stop", stop)  # fmt: skip
+    assert out["text"] == free["text"][: free["text"].index(stop)]
+    assert len(out["tokens"]) < len(free["tokens"])
+
+
+def test_chat_wraps_the_prompt_in_the_tokenizers_template(capsys, tmp_path):
+    """A copy of the bundled verifier whose tokenizer carries a chat template; the expected
+    prompt is that template rendered by hand, then tokenized."""
+    verifier = tmp_path / "verifier"
+    shutil.copytree(ASSETS / "verifier", verifier)
+    config_path = verifier / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    config_path.write_text(json.dumps(config))
+    out = run_json(capsys, "generate", "--verifier", str(verifier), "--draft", "bundled:draft",
+                   "--chat", "--system", "Be brief.", "--prompt", "Who came back?",
+                   "--max-new-tokens", "4")  # fmt: skip
+    _, tokenizer = load_pretrained("bundled:verifier")
+    rendered = "[system] Be brief.\n[user] Who came back?\n[assistant]"
+    assert out["prompt_ids"] == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert out["stats"]["decoder"] == "speculative"

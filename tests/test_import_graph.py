@@ -44,6 +44,7 @@ LAYER_OF = {
     "specattn_jax.layer_map": "decoding",
     "specattn_jax.sharding": "decoding",
     "specattn_jax.speculative": "decoding",
+    "specattn_jax.stopping": "decoding",
     "specattn_jax.autoregressive": "decoding",
     "specattn_jax.loading": "tools",
     "specattn_jax.convert": "tools",
@@ -53,6 +54,7 @@ LAYER_OF = {
     "specattn_jax.data": "tools",
     "specattn_jax.demo": "tools",
     "specattn_jax.cli": "tools",
+    "specattn_jax.chat": "tools",
     "specattn_jax.testing": "tools",
     "specattn_jax": "api",
 }

@@ -10,6 +10,7 @@ import pytest
 from specattn_jax import speculative
 from specattn_jax.autoregressive import generate_autoregressive
 from specattn_jax.convert._params import model_from_params, params_of
+from specattn_jax.decoding import DecodeProgress
 from specattn_jax.errors import IncompatibleModelsError, SpecAttnError
 from specattn_jax.loading import load_pretrained
 from specattn_jax.sampling import Sampling
@@ -74,6 +75,80 @@ def test_several_stop_tokens_stop_at_the_first_of_any(stories_pair):
     ):
         streamed += new_tokens[0]
     assert [streamed] == expected
+
+
+def _shortest_prefix_containing(tokenizer, tokens: list[int], stop: str) -> list[int]:
+    """The reference: a linear scan over prefixes."""
+    for end in range(1, len(tokens) + 1):
+        if stop in tokenizer.decode(tokens[:end], skip_special_tokens=True):
+            return tokens[:end]
+    return tokens
+
+
+@pytest.mark.parametrize(
+    "stop, in_loop",
+    [("She loved", True), (".", False)],
+    ids=["three-tokens-in-the-loop", "cut-on-the-host"],
+)
+def test_stop_strings_end_every_decoder_at_the_same_token(stories_pair, stop, in_loop):
+    """ "She loved" encodes alone to the three tokens the model generates, so the jitted loop
+    itself stops there (its token count says so); "." encodes alone to ("▁", ".") while the
+    model writes "." after a word, so the loop runs on and the host cuts the output."""
+    draft, verifier, tokenizer = stories_pair
+    prompt = [tokenizer("Once upon a time")["input_ids"]]
+    free = generate_autoregressive(verifier, prompt, max_new_tokens=40, eos_id=None).tokens[0]
+    expected = _shortest_prefix_containing(tokenizer, free, stop)
+    assert len(expected) < 20
+    options = dict(max_new_tokens=40, eos_id=None, stop_strings=[stop], tokenizer=tokenizer)
+    plain = generate_autoregressive(verifier, prompt, **options)
+    spec = generate(draft, verifier, prompt, SpecConfig(gamma=4), **options)
+    streamed = []
+    for new_tokens, _ in generate_stream(draft, verifier, prompt, SpecConfig(gamma=4), **options):
+        streamed += new_tokens[0]
+    assert plain.tokens == spec.tokens == [expected]
+    assert streamed == expected
+    assert (plain.stats["tokens"] == len(expected)) is in_loop
+    assert (spec.stats["tokens"] == len(expected)) is in_loop
+
+
+def test_stop_sequences_match_across_steps():
+    """`DecodeProgress.append` against a plain-Python scan, on random steps of random
+    lengths: a stop sequence may begin in an earlier step's tokens."""
+    rng = np.random.default_rng(0)
+    sequences = ((3,), (1, 2), (2, 2, 1))
+    for trial in range(30):
+        budget = int(rng.integers(4, 12))
+        progress = DecodeProgress.init(jnp.array([budget]), 12)
+        generated = []
+        expected_done = False
+        for _ in range(6):
+            tokens = rng.integers(0, 4, size=(1, 3)).astype(np.int32)
+            count = int(rng.integers(1, 4))
+            progress, taken = progress.append(jnp.asarray(tokens), jnp.array([count]), sequences)
+            take = 0
+            if not expected_done:
+                for token in tokens[0, :count]:
+                    if len(generated) == budget:
+                        break
+                    generated.append(int(token))
+                    take += 1
+                    if any(tuple(generated[-len(s) :]) == s for s in sequences):
+                        expected_done = True
+                        break
+                expected_done |= len(generated) == budget
+            assert int(taken[0]) == take, trial
+            assert bool(progress.done[0]) == expected_done, trial
+        assert np.asarray(progress.output)[0, : len(generated)].tolist() == generated
+
+
+def test_stop_strings_need_a_tokenizer_and_text(stories_pair):
+    _, verifier, tokenizer = stories_pair
+    with pytest.raises(SpecAttnError, match="need the tokenizer"):
+        generate_autoregressive(verifier, [[1, 2]], max_new_tokens=4, stop_strings=["x"])
+    with pytest.raises(SpecAttnError, match="non-empty strings"):
+        generate_autoregressive(
+            verifier, [[1, 2]], max_new_tokens=4, stop_strings=[""], tokenizer=tokenizer
+        )
 
 
 def test_stream_yields_the_same_tokens(stories_pair):
