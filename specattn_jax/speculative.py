@@ -523,8 +523,12 @@ def _setup(
     lookahead = gamma + 1 if draft is not None else 0
     if draft is not None:
         check_compatible(draft, verifier)
+    # The compiled loop is sized for a power of two of new tokens (its output buffer, its
+    # step log and the default cache); each sequence's own budget is a traced value, so a
+    # notebook that changes `max_new_tokens` reuses the compiled program within a bucket.
+    max_new_bucket = max(16, 1 << max(0, max_new_tokens - 1).bit_length())
     if cache_size is None:
-        needed = tokens.shape[1] + max_new_tokens + lookahead
+        needed = tokens.shape[1] + max_new_bucket + lookahead
         cache_size = -(-needed // 64) * 64  # a multiple of every granularity
     check_fits_cache(lengths, max_new_tokens, cache_size, lookahead=lookahead)
     selector, layer_map_origin = None, "dense"
@@ -570,7 +574,7 @@ def _setup(
         key=jax.random.key(0) if key is None else key,
         budgets=jnp.full((batch,), max_new_tokens, jnp.int32),
         selector=selector,
-        max_new=max_new_tokens,
+        max_new=max_new_bucket,
         stats_context={
             "gamma": gamma,
             "layer_map": layer_map_origin,

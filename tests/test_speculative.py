@@ -177,6 +177,27 @@ def test_spec_step_traces_once(stories_pair):
     assert speculative._jit_step._cache_size() == 1
 
 
+def test_changing_max_new_tokens_does_not_recompile(stories_pair):
+    """Budgets from 17 to 32 new tokens share one compiled loop (one bucket), and each run
+    stops at its own budget: the shorter runs are prefixes of the longest."""
+    draft, verifier, tokenizer = stories_pair
+    prompt = [tokenizer("Once upon a time")["input_ids"]]
+    jax.clear_caches()
+    runs = {
+        budget: generate(
+            draft, verifier, prompt, SpecConfig(gamma=3), max_new_tokens=budget, eos_id=None
+        ).tokens[0]
+        for budget in (32, 17, 24, 31)
+    }
+    assert speculative._generate._cache_size() == 1
+    for budget, tokens in runs.items():
+        assert tokens == runs[32][:budget]
+    for budget in (20, 29):
+        for _ in generate_stream(draft, verifier, prompt, max_new_tokens=budget, eos_id=None):
+            pass
+    assert speculative._jit_prefill._cache_size() == 1
+
+
 # Stochastic speculative sampling preserves the verifier's distribution.
 
 VOCAB = 5
