@@ -152,7 +152,7 @@ def _draft_source(args) -> str | None:
 
 def _load_pair(args):
     """(draft or None, verifier, tokenizer), checked to share one vocabulary."""
-    return load_pair(args.verifier, _draft_source(args) or None, _jnp_dtype(args.dtype))
+    return load_pair(args.verifier, _draft_source(args), _jnp_dtype(args.dtype))
 
 
 def _mesh(args):

@@ -527,6 +527,7 @@ def _setup(
     # step log and the default cache); each sequence's own budget is a traced value, so a
     # notebook that changes `max_new_tokens` reuses the compiled program within a bucket.
     max_new_bucket = max(16, 1 << max(0, max_new_tokens - 1).bit_length())
+    eos_ids = verifier.config.eos_token_ids if eos_id == "config" else stop_token_ids(eos_id)
     if cache_size is None:
         needed = tokens.shape[1] + max_new_bucket + lookahead
         cache_size = -(-needed // 64) * 64  # a multiple of every granularity
@@ -555,13 +556,7 @@ def _setup(
             draft=draft_graphdef,
             verifier=verifier_graphdef,
             gamma=gamma,
-            stop_sequences=tuple(
-                (token,)
-                for token in (
-                    verifier.config.eos_token_ids if eos_id == "config" else stop_token_ids(eos_id)
-                )
-            )
-            + stop_sequences,
+            stop_sequences=tuple((token,) for token in eos_ids) + stop_sequences,
             backend=config.backend,
             verifier_attend=sharding.attention_for(mesh),
             prefill_chunk=prefill_chunk,

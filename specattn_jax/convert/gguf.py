@@ -101,8 +101,9 @@ def gguf_config(path: str | Path, reader=None) -> LlamaConfig:
             f"{path} holds a GGUF model of architecture {arch!r}; specattn-jax loads "
             f"Llama-family models (architecture 'llama')"
         )
+    names = {t.name for t in reader.tensors}
     scaling = _field(reader, "llama.rope.scaling.type", "none")
-    if scaling != "none" or "rope_freqs.weight" in {t.name for t in reader.tensors}:
+    if scaling != "none" or "rope_freqs.weight" in names:
         raise CheckpointError(
             f"{path} uses RoPE scaling ({scaling if scaling != 'none' else 'rope_freqs'}), "
             f"which the GGUF loader does not read; convert the HF checkpoint instead"
@@ -115,7 +116,6 @@ def gguf_config(path: str | Path, reader=None) -> LlamaConfig:
     except TypeError:
         raise CheckpointError(f"{path} lacks the llama.* sizes in its metadata") from None
     vocab = _field(reader, "llama.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-    names = {t.name for t in reader.tensors}
     return LlamaConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
