@@ -8,8 +8,12 @@ logits, how many drafted tokens to keep and which token follows them.
   greedy decoding.
 - `SpeculativeSampling`: Leviathan et al. / Chen et al. Keep drafted token x with probability
   min(1, p(x) / q(x)); at the first rejection draw from normalize(max(0, p - q)); if all are
-  kept, draw the bonus token from the verifier's next distribution. Temperature, top-k and
-  top-p filter p and q alike. The output is distributed exactly as the verifier's sampling.
+  kept, draw the bonus token from the verifier's next distribution. Temperature, top-k,
+  top-p and min-p filter p and q alike. The output is distributed exactly as the verifier's
+  sampling.
+
+Both take logits with the sampler's repetition penalty already applied (the decoder applies
+it, from the tokens each position has seen: `rule.sampler.penalize`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ class GreedyAcceptance:
     """Greedy acceptance: keep the longest prefix of drafts equal to the verifier's argmax,
     then the verifier's argmax at the first mismatch (or the bonus token after all gamma).
     Speculative decoding with it returns exactly the verifier's greedy tokens."""
+
+    sampler: Greedy = Greedy()
 
     def sample(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
         """i32[B] tokens drawn from f32[B, V] logits (draft proposals, first tokens)."""
@@ -52,6 +58,10 @@ class GreedyAcceptance:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SpeculativeSampling:
     sampling: Sampling
+
+    @property
+    def sampler(self) -> Sampling:
+        return self.sampling
 
     def sample(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
         return self.sampling.get_next_tokens(logits, rng)
@@ -85,7 +95,7 @@ AcceptanceRule = GreedyAcceptance | SpeculativeSampling
 def acceptance_for(sampler: Sampler) -> AcceptanceRule:
     """The rule that preserves `sampler`'s output distribution."""
     if isinstance(sampler, Greedy):
-        return GreedyAcceptance()
+        return GreedyAcceptance(sampler=sampler)
     return SpeculativeSampling(sampling=sampler)
 
 

@@ -229,7 +229,9 @@ def cmd_generate(args) -> None:
         [prompt],
         _spec_config(args),
         max_new_tokens=args.max_new_tokens,
-        sampler=make_sampler(args.temperature, args.top_k, args.top_p),
+        sampler=make_sampler(
+            args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty
+        ),
         key=jax.random.key(args.seed),
         cache_size=args.cache_size,
         mesh=_mesh(args),
@@ -525,6 +527,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     generate.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest")
+    generate.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        help="keep tokens at least this fraction as likely as the likeliest",
+    )
+    generate.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="divide the logits of tokens already in the text (1: none; greedy too)",
+    )
     generate.add_argument("--seed", type=int, default=0, help="sampling seed")
     generate.add_argument("--cache-size", type=int, help="KV positions (default: what is needed)")
     generate.add_argument(

@@ -53,7 +53,7 @@ from specattn_jax.decoding import (
 from specattn_jax.errors import IncompatibleModelsError, SpecAttnError
 from specattn_jax.layer_map import LayerMap, calibrate
 from specattn_jax.model import Llama
-from specattn_jax.sampling import Greedy, Sampler
+from specattn_jax.sampling import Greedy, Sampler, mark_seen, seen_before_each
 from specattn_jax.selection import (
     SelectionInputs,
     Selector,
@@ -195,6 +195,8 @@ class SpecState:
         split over devices logs without communication. `kv_read`, `kv_dense` and
         `draft_kv_read` are its sums over the sequences; `active_steps` counts the steps
         that logged a row (a dense layer reads at least the new token, so never zero).
+      seen: bool[B, V] the tokens each sequence holds (prompt and generated, the pending one
+        included), for the sampler's repetition penalty; None without one.
     """
 
     progress: DecodeProgress
@@ -205,6 +207,7 @@ class SpecState:
     step: jax.Array  # i32[]
     accepted: jax.Array  # i32[B]
     kv_log: jax.Array  # f32[N_steps, L_v + 2, B]
+    seen: jax.Array | None = None  # bool[B, V]
 
     @property
     def kv_read(self) -> jax.Array:  # f32[N_steps, L_v]
@@ -254,7 +257,8 @@ class Drafts:
 
     Attributes:
       tokens: i32[B, gamma] drafted tokens.
-      logits: f32[B, gamma, V] the draft's logits that produced them.
+      logits: f32[B, gamma, V] the draft's logits that produced them (repetition penalty
+        applied).
       attention: f32[gamma, U, B, S] the head-mean attention of each drafting query over the
         cache in the U draft layers asked for, or None when none were.
       cache: the draft's cache, lengths advanced by gamma + 1 (None without a draft).
@@ -288,30 +292,36 @@ def draft_tokens(
     key: jax.Array,
     gamma: int,
     attention_layers: tuple[int, ...] = (),
+    seen: jax.Array | None = None,  # bool[B, V]
 ) -> Drafts:
     """Proposes `gamma` tokens per sequence.
 
     `cache.lengths` must be the position of `last_two[:, 0]`. The first forward feeds both
     tokens (T = 2), the next gamma - 1 one drafted token each; the attention rows are those
     of the gamma queries that produced a draft, in the draft layers `attention_layers` (only
-    those compute them).
+    those compute them). With a repetition penalty, `seen` holds the tokens of each sequence
+    so far; each draft is drawn from logits penalized for them and the drafts before it.
     """
+    penalize = rule.sampler.penalize
     logits, cache, info = draft(last_two, cache, return_attention=attention_layers)
-    first = rule.sample(logits[:, 1], jax.random.fold_in(key, 0))
+    first_logits = penalize(logits[:, 1], seen)
+    first = rule.sample(first_logits, jax.random.fold_in(key, 0))
 
     def one_token(carry, index):
-        token, cache = carry
+        token, cache, seen = carry
         logits, cache, info = draft(token[:, None], cache, return_attention=attention_layers)
-        next_token = rule.sample(logits[:, 0], jax.random.fold_in(key, index))
+        logits = penalize(logits[:, 0], seen)
+        next_token = rule.sample(logits, jax.random.fold_in(key, index))
         attention = info.attention[:, :, 0] if attention_layers else None
-        return (next_token, cache), (token, logits[:, 0], attention, info.kv_read.sum(0))
+        carry = (next_token, cache, mark_seen(seen, next_token))
+        return carry, (token, logits, attention, info.kv_read.sum(0))
 
-    (last, cache), (tokens, step_logits, step_attention, step_reads) = jax.lax.scan(
-        one_token, (first, cache), jnp.arange(1, gamma)
+    (last, cache, _), (tokens, step_logits, step_attention, step_reads) = jax.lax.scan(
+        one_token, (first, cache, mark_seen(seen, first)), jnp.arange(1, gamma)
     )
     # scan collected the inputs of steps 1..gamma-1: d_1..d_{gamma-1}; d_gamma is `last`.
     tokens = jnp.concatenate([tokens.T, last[:, None]], axis=1)
-    all_logits = jnp.concatenate([logits[:, 1:2], step_logits.transpose(1, 0, 2)], axis=1)
+    all_logits = jnp.concatenate([first_logits[:, None], step_logits.transpose(1, 0, 2)], axis=1)
     all_attention = None
     if attention_layers:
         all_attention = jnp.concatenate([info.attention[None, :, :, 1], step_attention], axis=0)
@@ -329,18 +339,19 @@ def draft_and_plan(
     rule: AcceptanceRule,
     key: jax.Array,
     gamma: int,
+    seen: jax.Array | None = None,  # bool[B, V]
 ) -> tuple[Drafts, KVCache, AttentionPlan | None]:
     """The first half of a step for sequences of `seq_lengths` tokens whose last two are
-    `last_two` (the last one pending): the drafts (none without a draft), the verifier's
-    cache rolled back to the context before the pending token, and the selector's plan for
-    the verify (None: dense)."""
+    `last_two` (the last one pending), holding the tokens `seen` (for a repetition penalty):
+    the drafts (none without a draft), the verifier's cache rolled back to the context
+    before the pending token, and the selector's plan for the verify (None: dense)."""
     verifier_cache = caches.verifier.with_lengths(seq_lengths - 1)
     if draft is None:
         return Drafts.none(len(seq_lengths), verifier_config.vocab_size), verifier_cache, None
     with jax.named_scope("draft"):
         draft_cache = caches.draft.with_lengths(seq_lengths - 2)
         layers = () if selector is None else selector.draft_layers
-        drafts = draft_tokens(draft, draft_cache, last_two, rule, key, gamma, layers)
+        drafts = draft_tokens(draft, draft_cache, last_two, rule, key, gamma, layers, seen)
     if selector is None:
         return drafts, verifier_cache, None
     with jax.named_scope("select"):
@@ -377,7 +388,7 @@ def spec_step(
 
     drafts, verifier_cache, plan = draft_and_plan(
         draft, verifier.config, selector, state.caches, state.last_two, state.seq_lengths,
-        rule, draft_key, gamma,
+        rule, draft_key, gamma, state.seen,
     )  # fmt: skip
     drafted = drafts.tokens
     with jax.named_scope("verify"):
@@ -390,6 +401,10 @@ def spec_step(
             attend=decoder.verifier_attend,
         )
     with jax.named_scope("accept"):
+        # Position i predicts the token after drafts 0..i-1: it has seen those too.
+        verifier_logits = rule.sampler.penalize(
+            verifier_logits, seen_before_each(state.seen, drafted)
+        )
         num_accepted, next_token = rule.accept(drafted, drafts.logits, verifier_logits, accept_key)
         offsets = jnp.arange(gamma + 1)[None, :]
         padded_drafts = jnp.pad(drafted, ((0, 0), (0, 1)))
@@ -400,6 +415,7 @@ def spec_step(
         seq_lengths = state.seq_lengths + taken
         history = jnp.concatenate([state.last_two, new_tokens], axis=1)
         last_two = jnp.take_along_axis(history, taken[:, None] + jnp.arange(2)[None, :], axis=1)
+        seen = mark_seen(state.seen, new_tokens, offsets < taken[:, None])
     reads = jnp.concatenate([info.kv_read, info.kv_dense[None], drafts.kv_read[None]])
     step_reads = jnp.where(active, reads.astype(jnp.float32), 0.0)  # [L_v + 2, B]
     draft_cache = None if drafts.cache is None else drafts.cache.with_lengths(seq_lengths - 2)
@@ -412,6 +428,7 @@ def spec_step(
         step=state.step + 1,
         accepted=state.accepted + jnp.where(active, num_accepted, 0),
         kv_log=jax.lax.dynamic_update_index_in_dim(state.kv_log, step_reads, state.step, 0),
+        seen=seen,
     )
 
 
@@ -439,7 +456,12 @@ def prefill(
         draft_cache = None
         if draft is not None:
             _, draft_cache = chunked(draft, tokens, caches.draft)
-    first = rule.sample(logits, jax.random.fold_in(key, 0))
+    seen = None
+    if rule.sampler.tracks_seen:
+        prompt_mask = jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]
+        seen = jnp.zeros((len(lengths), logits.shape[-1]), bool)
+        seen = mark_seen(seen, tokens, prompt_mask)
+    first = rule.sample(rule.sampler.penalize(logits, seen), jax.random.fold_in(key, 0))
     progress, taken = DecodeProgress.init(budgets, max_new).append(
         first[:, None], jnp.ones_like(lengths), decoder.stop_sequences
     )
@@ -454,6 +476,7 @@ def prefill(
         step=jnp.int32(0),
         accepted=jnp.zeros_like(lengths),
         kv_log=jnp.zeros((max_new, num_layers + 2, len(lengths)), jnp.float32),
+        seen=mark_seen(seen, first),
     )
 
 
@@ -612,7 +635,8 @@ def generate(
         `backend`.
       max_new_tokens: budget per sequence.
       key: PRNG key (sampling only); default `jax.random.key(0)`.
-      sampler: `Greedy()` (default) or `Sampling(temperature=, top_k=, top_p=)`.
+      sampler: `Greedy()` (default) or `Sampling(temperature=, top_k=, top_p=, min_p=)`,
+        either with a `repetition_penalty` (`make_sampler` builds one from plain values).
       eos_id: stop token, or several (a sequence stops at the first of any; speculative
         acceptance stops at the first one accepted); "config" takes the verifier config's
         (`generation_config.json`'s where the checkpoint has one), None never stops early.

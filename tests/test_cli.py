@@ -11,6 +11,7 @@ from specattn_jax.cli import _stats_line, build_parser, main
 from specattn_jax.demo import default_prompt
 from specattn_jax.errors import IncompatibleModelsError
 from specattn_jax.loading import ASSETS, load_pair, load_pretrained
+from specattn_jax.sampling import make_sampler
 from specattn_jax.speculative import SpecConfig, generate
 
 PROMPT = "It was late in the autumn when the old captain came back to the village."
@@ -57,6 +58,22 @@ def test_generate_autoregressive_and_specattn(capsys):
     )
     assert sparse["stats"]["decoder"] == "specattn"
     assert sparse["stats"]["kv_reduction"] > 0
+
+
+def test_generate_sampling_options_match_the_api(capsys):
+    options = ("--temperature", "0.8", "--top-k", "40", "--top-p", "0.95", "--min-p", "0.05",
+               "--repetition-penalty", "1.3", "--seed", "3")  # fmt: skip
+    out = run_json(capsys, "generate", "--prompt", PROMPT, "--max-new-tokens", "12", *options)
+    verifier, tokenizer = load_pretrained("bundled:verifier")
+    draft, _ = load_pretrained("bundled:draft")
+    sampler = make_sampler(0.8, top_k=40, top_p=0.95, min_p=0.05, repetition_penalty=1.3)
+    expected = generate(
+        draft, verifier, [tokenizer(PROMPT)["input_ids"]], SpecConfig(), max_new_tokens=12,
+        sampler=sampler, key=jax.random.key(3),
+    )  # fmt: skip
+    assert out["tokens"] == expected.tokens[0]
+    line = run_error(capsys, "generate", "--prompt", PROMPT, "--min-p", "1.5")
+    assert "min_p=1.5 must be in [0, 1]" in line
 
 
 @pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (conftest asks for 4)")

@@ -13,9 +13,10 @@ from specattn_jax.convert._params import model_from_params, params_of
 from specattn_jax.decoding import DecodeProgress
 from specattn_jax.errors import IncompatibleModelsError, SpecAttnError
 from specattn_jax.loading import load_pretrained
-from specattn_jax.sampling import Sampling
+from specattn_jax.sampling import Greedy, Sampling
 from specattn_jax.speculative import SpecConfig, generate, generate_stream
 from specattn_jax.testing import perturbed_copy, tiny_llama
+from tests.reference_sampling import transformers_probabilities
 
 
 @pytest.fixture(scope="module")
@@ -213,27 +214,38 @@ def _peaky_model(seed: int):
 
 
 def _exact_joint(verifier, sampling, prompt, length):
-    """Probabilities of every continuation of `length` tokens under `sampling`."""
+    """Probabilities of every continuation of `length` tokens under `sampling`, each step's
+    distribution from transformers' logits processors given the tokens before it."""
     sequences = np.array(list(itertools.product(range(VOCAB), repeat=length)), np.int32)
     tokens = np.concatenate([np.tile(prompt, (len(sequences), 1)), sequences], axis=1)
     cache = verifier.init_cache(len(tokens), tokens.shape[1])
     logits, _, _ = verifier(jnp.asarray(tokens), cache)
-    probs = np.asarray(sampling.probabilities(logits[:, len(prompt) - 1 : -1]))
-    step_probs = np.take_along_axis(probs, sequences[..., None], axis=-1)[..., 0]
-    return sequences, step_probs.prod(axis=1)
+    joint = np.ones(len(sequences))
+    for step in range(length):
+        position = len(prompt) + step
+        probs = transformers_probabilities(
+            sampling, tokens[:, :position], np.asarray(logits[:, position - 1])
+        )
+        joint *= probs[np.arange(len(sequences)), sequences[:, step]]
+    return sequences, joint
 
 
 @pytest.mark.parametrize(
     "sampling",
-    [Sampling(temperature=1.0), Sampling(temperature=0.7, top_k=4, top_p=0.9)],
-    ids=["t1", "t0.7-topk4-topp0.9"],
+    [
+        Sampling(temperature=1.0),
+        Sampling(temperature=0.7, top_k=4, top_p=0.9),
+        Sampling(temperature=1.2, min_p=0.05),
+        Sampling(temperature=0.8, repetition_penalty=1.5),
+    ],
+    ids=["t1", "t0.7-topk4-topp0.9", "t1.2-minp0.05", "t0.8-penalty1.5"],
 )
 def test_speculative_sampling_preserves_verifier_distribution(sampling):
     # Two independent random models. This pair accepts 20-30% of the drafts under both
     # samplings (both branches of the rule, accept and resample, are drawn often), and the
     # verifier spreads its mass over enough continuations for the chi-square test.
     verifier, draft = _peaky_model(seed=15), _peaky_model(seed=16)
-    prompt = [1, 3, 0]
+    prompt = [1, 3, 0] if sampling.repetition_penalty is None else [2, 2, 2]
     samples = 20_000
     result = generate(
         draft,
@@ -301,3 +313,20 @@ def test_gamma_below_one_is_an_error():
 def test_budget_overflowing_the_cache_is_an_error():
     with pytest.raises(SpecAttnError, match="overflows the cache of 32"):
         generate(tiny_llama(), tiny_llama(), [[1, 2, 3]], max_new_tokens=30, cache_size=32)
+
+
+def test_greedy_speculative_with_repetition_penalty_equals_verifier_greedy():
+    """On a five-token vocabulary a token often recurs within one step's drafts, so each
+    verify position must see the drafts before it; the prompts repeat few tokens, so that
+    most tokens are new to the penalty when drafted."""
+    verifier = _peaky_model(seed=15)
+    draft = perturbed_copy(verifier, 0.5, seed=3)
+    prompts = [[2, 2, 2], [1], [4, 0], [3, 3]]
+    penalized = Greedy(repetition_penalty=1.5)
+    options = dict(max_new_tokens=30, eos_id=None, sampler=penalized)
+    expected = generate_autoregressive(verifier, prompts, **options)
+    assert expected.tokens != generate_autoregressive(verifier, prompts, max_new_tokens=30,
+                                                      eos_id=None).tokens  # fmt: skip
+    result = generate(draft, verifier, prompts, SpecConfig(gamma=4), **options)
+    assert result.tokens == expected.tokens
+    assert 0 < result.stats["accepted"] < result.stats["drafted"]
