@@ -241,9 +241,11 @@ def _exact_joint(verifier, sampling, prompt, length):
     ids=["t1", "t0.7-topk4-topp0.9", "t1.2-minp0.05", "t0.8-penalty1.5"],
 )
 def test_speculative_sampling_preserves_verifier_distribution(sampling):
-    # Two independent random models. This pair accepts 20-30% of the drafts under both
-    # samplings (both branches of the rule, accept and resample, are drawn often), and the
-    # verifier spreads its mass over enough continuations for the chi-square test.
+    # Two independent random models. The asserts below check that this pair both accepts
+    # and rejects drafts (both branches of the rule are drawn often), and that the verifier
+    # spreads its mass over enough continuations for the chi-square test. With the penalty
+    # the prompt repeats one token, so most drafts are new to it: each verify position must
+    # then be penalised for the drafts before it.
     verifier, draft = _peaky_model(seed=15), _peaky_model(seed=16)
     prompt = [1, 3, 0] if sampling.repetition_penalty is None else [2, 2, 2]
     samples = 20_000
