@@ -7,6 +7,7 @@ baselines `Quest`, `DoubleSparsity`, `StreamingLLM`, `OracleTopP`).
 """
 
 import logging
+import warnings
 
 from specattn_jax.acceptance import GreedyAcceptance, SpeculativeSampling
 from specattn_jax.attention import AttentionPlan, ForwardInfo
@@ -72,3 +73,6 @@ class _DropTransformersNotices(logging.Filter):
 
 # transformers is imported lazily, inside functions, so this runs before it.
 logging.getLogger("transformers").addFilter(_DropTransformersNotices())
+# In a notebook without ipywidgets, transformers' import of `tqdm.auto` warns that it falls
+# back to the text bar; the text bar is what this project's bars use there (`progress`).
+warnings.filterwarnings("ignore", message="IProgress not found", module=r"tqdm\.auto")

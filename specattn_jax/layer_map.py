@@ -23,6 +23,7 @@ from flax import nnx
 
 from specattn_jax.errors import SpecAttnError
 from specattn_jax.model import Llama
+from specattn_jax.progress import progress_bar
 
 _LOG_FLOOR = 1e-30
 
@@ -195,8 +196,6 @@ def calibrate(
 ) -> LayerMap:
     """Calibrates a `LayerMap` on token sequences (each i32[T], T >= 2, equal lengths compile
     once) by the mean KL score and the monotone DP."""
-    from tqdm.auto import tqdm
-
     sequences = [np.asarray(s, np.int32) for s in sequences]
     if not sequences or min(len(s) for s in sequences) < 2:
         raise SpecAttnError("calibration needs at least one sequence of 2 or more tokens")
@@ -205,7 +204,7 @@ def calibrate(
     draft_graphdef, draft_state = nnx.split(draft)
     verifier_graphdef, verifier_state = nnx.split(verifier)
     total = np.zeros((draft.config.num_hidden_layers, verifier.config.num_hidden_layers))
-    for tokens in tqdm(sequences, desc="calibrating layer map", disable=not progress):
+    for tokens in progress_bar(sequences, desc="calibrating layer map", disable=not progress):
         total += np.asarray(
             _sequence_scores(
                 draft_graphdef, draft_state, verifier_graphdef, verifier_state, tokens[None]

@@ -48,6 +48,7 @@ from specattn_jax.convert.orbax_io import save_orbax
 from specattn_jax.data import default_data_dir, split_books
 from specattn_jax.errors import SpecAttnError
 from specattn_jax.model import Llama, count_params
+from specattn_jax.progress import progress_bar
 
 ASSETS = Path(__file__).parent / "assets"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -399,8 +400,6 @@ def train(
       last `log_every` steps) and the validation loss and perplexity of the returned model
       (its parameters rounded to bf16, the export dtype, then scored in fp32).
     """
-    from tqdm.auto import tqdm
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -446,7 +445,7 @@ def train(
     }
     total_steps = tc.steps
     best = (math.inf, params, 0)
-    bar = tqdm(
+    bar = progress_bar(
         total=total_steps,
         unit="step",
         disable=not progress,

@@ -38,6 +38,7 @@ LAYER_OF = {
     "specattn_jax.attention": "core",
     "specattn_jax.model": "core",
     "specattn_jax.selection": "core",
+    "specattn_jax.progress": "core",
     "specattn_jax.sampling": "decoding",
     "specattn_jax.acceptance": "decoding",
     "specattn_jax.decoding": "decoding",

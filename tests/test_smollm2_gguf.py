@@ -74,21 +74,20 @@ def test_logits_over_a_book_window_match_transformers(ours, reference, book_toke
     assert (actual.argmax(-1) == expected.argmax(-1)).mean() >= 0.99
 
 
-def test_greedy_continuation_matches_transformers(ours, reference, book_tokens):
-    model, _ = ours
-    prompt = book_tokens[:256]
-    result = generate_autoregressive(model, [prompt], max_new_tokens=NEW_TOKENS, eos_id=None)
-    assert result.tokens[0] == _reference_greedy(reference, prompt)
-
-
-def test_one_turn_chat_matches_transformers(ours, reference):
+def test_greedy_book_continuation_and_one_turn_chat_match_transformers(
+    ours, reference, book_tokens
+):
+    """Greedy, 64 tokens, after 256 tokens of the book and after a one-turn chat in the
+    file's own template: one ragged batch of ours (one compile), each prompt alone in
+    transformers."""
     model, tokenizer = ours
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = tokenizer.apply_chat_template(
+    chat = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True
     )["input_ids"]
-    assert tokenizer.decode(prompt).endswith("<|im_start|>assistant\n")
-    result = generate_autoregressive(model, [prompt], max_new_tokens=NEW_TOKENS, eos_id=None)
-    expected = _reference_greedy(reference, prompt)
-    assert result.tokens[0] == expected
-    assert "Paris" in tokenizer.decode(expected)
+    assert tokenizer.decode(chat).endswith("<|im_start|>assistant\n")
+    prompts = [book_tokens[:256], chat]
+    result = generate_autoregressive(model, prompts, max_new_tokens=NEW_TOKENS, eos_id=None)
+    expected = [_reference_greedy(reference, prompt) for prompt in prompts]
+    assert result.tokens == expected
+    assert "Paris" in tokenizer.decode(expected[1])

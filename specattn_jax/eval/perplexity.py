@@ -34,6 +34,7 @@ from specattn_jax import sharding
 from specattn_jax.acceptance import GreedyAcceptance
 from specattn_jax.errors import SpecAttnError
 from specattn_jax.model import Llama
+from specattn_jax.progress import progress_bar
 from specattn_jax.selection import (
     Selector,
     check_granularity,
@@ -162,8 +163,6 @@ def decode_time_perplexity(
     Returns a dict: perplexity, nll (mean), tokens (scored), windows, kv_reduction,
     kv_reduction_per_layer.
     """
-    from tqdm.auto import tqdm
-
     windows = np.asarray(windows, np.int32)
     if windows.ndim != 2 or windows.shape[1] != protocol.window:
         raise SpecAttnError(f"windows must be [N, {protocol.window}], got {windows.shape}")
@@ -183,7 +182,7 @@ def decode_time_perplexity(
     read_total = np.zeros(num_layers)
     dense_total = 0.0
     batches = range(0, len(windows), batch_size)
-    for start in tqdm(batches, desc=label, disable=not progress):
+    for start in progress_bar(batches, desc=label, disable=not progress):
         batch = windows[start : start + batch_size]
         if len(batch) < batch_size:  # pad with copies (one compile); the copies are not scored
             batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - len(batch), 0)])
