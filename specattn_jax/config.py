@@ -94,7 +94,7 @@ class LlamaConfig:
             raise CheckpointError(f"torch_dtype={dtype!r} is not one of {_DTYPE_NAMES}")
         eos = hf.get("eos_token_id")
         if isinstance(eos, list):
-            eos = tuple(eos) if len(eos) > 1 else (eos[0] if eos else None)
+            eos = eos_token_field(eos)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -168,6 +168,12 @@ class LlamaConfig:
             return cls.from_hf(hf)
         except KeyError as e:
             raise CheckpointError(f"{path} lacks the field {e.args[0]!r}") from None
+
+
+def eos_token_field(ids: Sequence[int]) -> int | tuple[int, ...] | None:
+    """A list of stop tokens as `LlamaConfig.eos_token_id`: None, one id, or a tuple."""
+    ids = tuple(int(token) for token in ids)
+    return None if not ids else ids[0] if len(ids) == 1 else ids
 
 
 def stop_token_ids(eos: int | Sequence[int] | None) -> tuple[int, ...]:

@@ -79,12 +79,9 @@ class Sampling(_Penalized):
         super().__post_init__()
         if isinstance(self.temperature, int | float) and self.temperature <= 0:
             raise SpecAttnError(f"temperature={self.temperature} must be > 0 (use Greedy for 0)")
-        if isinstance(self.top_p, int | float) and not 0 < self.top_p <= 1:
-            raise SpecAttnError(f"top_p={self.top_p} must be in (0, 1]")
         if isinstance(self.top_k, int) and self.top_k < 0:
             raise SpecAttnError(f"top_k={self.top_k} must be >= 0")
-        if isinstance(self.min_p, int | float) and not 0 <= self.min_p <= 1:
-            raise SpecAttnError(f"min_p={self.min_p} must be in [0, 1]")
+        _check_mass_filters(self.top_p, self.min_p)
 
     def filtered_logits(self, logits: jax.Array) -> jax.Array:
         """f32[..., V] logits / temperature with the filtered-out tokens at -inf."""
@@ -120,6 +117,14 @@ class Sampling(_Penalized):
 Sampler = Greedy | Sampling
 
 
+def _check_mass_filters(top_p, min_p) -> None:
+    """Refuses top_p outside (0, 1] and min_p outside [0, 1] (traced values pass)."""
+    if isinstance(top_p, int | float) and not 0 < top_p <= 1:
+        raise SpecAttnError(f"top_p={top_p} must be in (0, 1]")
+    if isinstance(min_p, int | float) and not 0 <= min_p <= 1:
+        raise SpecAttnError(f"min_p={min_p} must be in [0, 1]")
+
+
 def mark_seen(seen: jax.Array | None, tokens: jax.Array, valid: jax.Array | None = None):
     """bool[B, V] `seen` with the i32[B, K] (or i32[B]) `tokens` marked, where bool `valid`
     (same shape, default all); None stays None (no repetition penalty)."""
@@ -153,10 +158,7 @@ def make_sampler(
     penalty of 1.0 is none (no record of the tokens seen is kept)."""
     if temperature < 0:
         raise SpecAttnError(f"temperature={temperature} must be >= 0")
-    if not 0 < top_p <= 1:
-        raise SpecAttnError(f"top_p={top_p} must be in (0, 1]")
-    if not 0 <= min_p <= 1:
-        raise SpecAttnError(f"min_p={min_p} must be in [0, 1]")
+    _check_mass_filters(top_p, min_p)
     penalty = None if repetition_penalty == 1.0 else repetition_penalty
     if temperature == 0:
         return Greedy(repetition_penalty=penalty)

@@ -704,7 +704,7 @@ def generate_stream(
                 new_tokens[row] = []
                 continue
             text_tokens = so_far[row] + tokens
-            end = stop_index(tokenizer, text_tokens, stop_strings) if stop_strings else None
+            end = stop_index(tokenizer, text_tokens, stop_strings)
             if end is not None:
                 new_tokens[row] = text_tokens[len(so_far[row]) : end]
                 stopped[row] = True

@@ -43,7 +43,10 @@ def stop_token_sequences(tokenizer, stop_strings: Sequence[str]) -> StopSequence
 
 def stop_index(tokenizer, tokens: Sequence[int], stop_strings: Sequence[str]) -> int | None:
     """The number of leading tokens whose text first contains a stop string (None if the
-    whole text contains none): the shortest such prefix, by bisection over prefix lengths."""
+    whole text contains none, or there are no stop strings): the shortest such prefix, by
+    bisection over prefix lengths."""
+    if not stop_strings:
+        return None
     decode = lambda n: tokenizer.decode(list(tokens[:n]), skip_special_tokens=True)  # noqa: E731
     if not any(s in decode(len(tokens)) for s in stop_strings):
         return None
@@ -59,7 +62,7 @@ def stop_index(tokenizer, tokens: Sequence[int], stop_strings: Sequence[str]) ->
 
 def cut_at_stop(tokenizer, tokens: list[int], stop_strings: Sequence[str]) -> list[int]:
     """`tokens` up to and including the token that completes the first stop string."""
-    end = stop_index(tokenizer, tokens, stop_strings) if stop_strings else None
+    end = stop_index(tokenizer, tokens, stop_strings)
     return tokens if end is None else tokens[:end]
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from specattn_jax.config import LlamaConfig
+from specattn_jax.config import LlamaConfig, eos_token_field
 from specattn_jax.convert._params import model_from_params
 from specattn_jax.convert.hf import params_from_hf_tensors, rotary_pairs_to_halves
 from specattn_jax.errors import CheckpointError
@@ -143,7 +143,7 @@ def _stop_tokens(reader, vocab: int) -> int | tuple[int, ...] | None:
         token_id = _field(reader, f"tokenizer.ggml.{key}_token_id")
         if token_id is not None and token_id < vocab and token_id not in ids:
             ids.append(int(token_id))
-    return None if not ids else ids[0] if len(ids) == 1 else tuple(ids)
+    return eos_token_field(ids)
 
 
 def _hf_key(name: str) -> str | None:
