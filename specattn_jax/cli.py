@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import default_backend
-from specattn_jax import train
+from specattn_jax import distill, train
 from specattn_jax.chat import chat_prompt
 from specattn_jax.convert.hf import save_hf_model
 from specattn_jax.convert.orbax_io import save_orbax
@@ -401,8 +401,21 @@ def cmd_eval_ppl(args) -> None:
 
 
 def cmd_train(argv: list[str]) -> None:
-    """`specattn train ...`: the training recipe's own options (see --help)."""
-    train.main(argv, parser_class=_Parser)
+    """`specattn train ...`: the recipe's options, and the distillation's (see --help)."""
+    parser = _Parser(
+        prog="specattn train",
+        description="Train a Llama on the Gutenberg train books: from scratch with the "
+        "project's recipe, or as a draft distilled from a verifier (--distill-from).",
+    )
+    train.add_arguments(parser)
+    distill.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.distill_from is not None:
+        distill.run(args)
+    else:
+        if args.lm_weight is not None:
+            raise SpecAttnError("--lm-weight needs --distill-from")
+        train.run(args)
 
 
 def cmd_convert(args) -> None:

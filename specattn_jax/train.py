@@ -32,9 +32,9 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -166,23 +166,49 @@ def tokenize_split(
     With `cache_dir`, the stream is stored as `<split>-<key>.npy`, the key hashing the
     tokenizer file and the books' sha256s, and read back on later calls.
     """
-    books = split_books(split, data_dir)
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise SpecAttnError(f"no tokenizer.json in {tokenizer_dir}")
-    key = hashlib.sha256(tokenizer_file.read_bytes())
+    tokenizer = _load_bpe(Path(tokenizer_dir))
+    bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+    if bos is None or eos is None:
+        raise SpecAttnError(f"the tokenizer in {tokenizer_dir} lacks <s> or </s>")
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [[bos, *e.ids, eos] for e in encodings]
+
+    return cached_token_stream(
+        split,
+        data_dir,
+        encode,
+        fingerprint=tokenizer_file.read_bytes(),
+        vocab_size=tokenizer.get_vocab_size(),
+        cache_dir=cache_dir,
+    )
+
+
+def cached_token_stream(
+    split: str,
+    data_dir: str | Path,
+    encode: Callable[[list[str]], list[list[int]]],
+    *,
+    fingerprint: bytes,
+    vocab_size: int,
+    cache_dir: str | Path | None = None,
+) -> np.ndarray:
+    """u16/i32[N]: the split's books encoded by `encode` (each book's ids, special tokens
+    included), concatenated in manifest order; cached under `cache_dir` by a key hashing
+    `fingerprint` (the tokenizer) and the books' sha256s."""
+    books = split_books(split, data_dir)
+    key = hashlib.sha256(fingerprint)
     for book in books:
         key.update(book.sha256.encode())
     cache = Path(cache_dir) / f"{split}-{key.hexdigest()[:16]}.npy" if cache_dir else None
     if cache is not None and cache.is_file():
         return np.load(cache)
-    tokenizer = _load_bpe(Path(tokenizer_dir))
-    bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
-    if bos is None or eos is None:
-        raise SpecAttnError(f"the tokenizer in {tokenizer_dir} lacks <s> or </s>")
-    encodings = tokenizer.encode_batch([book.read() for book in books], add_special_tokens=False)
-    dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.int32
-    stream = np.concatenate([np.array([bos, *e.ids, eos], dtype) for e in encodings])
+    dtype = np.uint16 if vocab_size <= 2**16 else np.int32
+    stream = np.concatenate([np.asarray(ids, dtype) for ids in encode([b.read() for b in books])])
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache, stream)
@@ -276,6 +302,8 @@ def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 def _attention_impl(config: TrainConfig, dtype) -> str:
+    """The attention of a training forward in `dtype`: the config's, or for "auto" cuDNN's
+    on GPU with a 16-bit dtype and XLA's otherwise."""
     if config.attention != "auto":
         return config.attention
     on_gpu = jax.default_backend() == "gpu"
@@ -286,35 +314,80 @@ def _cast(params, dtype):
     return jax.tree.map(lambda p: p.astype(dtype), params)
 
 
+class Objective(Protocol):
+    """What a training step minimises, given the model's logits f32[B, T, V] on the inputs
+    `tokens[:, :-1]` of windows i32[B, T + 1].
+
+    `inputs` (a pytree of arrays, or None) is handed to every step as an argument rather
+    than compiled into it: a teacher's parameters, say. `attention` is the step's attention
+    implementation, for any model the objective runs itself.
+    """
+
+    inputs: Any
+
+    def loss(
+        self, logits: jax.Array, tokens: jax.Array, inputs: Any, attention: str
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(scalar loss, named scalar parts to log)."""
+        ...
+
+
+def next_token_losses(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """f32[B, T]: cross-entropy of each next token `tokens[:, 1:]` under `logits` f32[B, T, V]."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+
+
+def next_token_kl(
+    draft_logits: jax.Array,  # [B, T, V]
+    verifier_logits: jax.Array,  # [B, T, V]
+) -> jax.Array:  # f32[B, T]
+    """KL(verifier || draft) of each position's next-token distributions, in nats."""
+    return optax.losses.kl_divergence_with_log_targets(
+        jax.nn.log_softmax(draft_logits.astype(jnp.float32)),
+        jax.nn.log_softmax(verifier_logits.astype(jnp.float32)),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class NextTokenLoss:
+    """The recipe's objective: the mean next-token cross-entropy."""
+
+    inputs: None = None
+
+    def loss(self, logits, tokens, inputs, attention):
+        return next_token_losses(logits, tokens).mean(), {}
+
+
 class _Steps:
     """The jitted train and eval steps of one model, compiled once."""
 
-    def __init__(self, graphdef, train_config: TrainConfig, attention: str):
+    def __init__(self, graphdef, train_config: TrainConfig, attention: str, objective: Objective):
         self.graphdef = graphdef
         self.config = train_config
         self.attention = attention
+        self.objective = objective
         self.compute_dtype = jnp.dtype(train_config.compute_dtype)
         self.tx = _optimizer(train_config)
         self.train_step = jax.jit(self._train_step)
         self.eval_step = jax.jit(self._eval_step, static_argnames=("dtype", "attention"))
 
-    def _loss(self, params, tokens):  # i32[B, T + 1]
+    def _loss(self, params, tokens, inputs):  # tokens: i32[B, T + 1]
         model = nnx.merge(self.graphdef, _cast(params, self.compute_dtype))
         logits = causal_lm_logits(model, tokens[:, :-1], attention=self.attention)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        return self.objective.loss(logits, tokens, inputs, self.attention)
 
-    def _train_step(self, params, opt_state, tokens, lr):
-        loss, grads = jax.value_and_grad(self._loss)(params, tokens)
+    def _train_step(self, params, opt_state, tokens, lr, inputs):
+        (loss, parts), grads = jax.value_and_grad(self._loss, has_aux=True)(params, tokens, inputs)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates))
-        return params, opt_state, {"loss": loss, "grad_norm": grad_norm}
+        return params, opt_state, {"loss": loss, "grad_norm": grad_norm, **parts}
 
     def _eval_step(self, params, tokens, weights, *, dtype, attention):
         """(sum of token losses, token count, greedy tokens i32[B, T]) of weighted windows."""
         model = nnx.merge(self.graphdef, _cast(params, dtype))
         logits = causal_lm_logits(model, tokens[:, :-1], attention=attention)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+        losses = next_token_losses(logits, tokens)
         total = (losses.sum(axis=1) * weights).sum()
         return total, weights.sum() * losses.shape[1], jnp.argmax(logits, axis=-1)
 
@@ -322,15 +395,16 @@ class _Steps:
         """Compiles the train step, falling back from cuDNN to XLA attention if refused."""
         tokens = jax.ShapeDtypeStruct((self.config.batch_size, self.config.seq_len + 1), jnp.int32)
         lr = jax.ShapeDtypeStruct((), jnp.float32)
+        inputs = self.objective.inputs
         try:
-            self.train_step = self.train_step.lower(params, opt_state, tokens, lr).compile()
+            self.train_step = self.train_step.lower(params, opt_state, tokens, lr, inputs).compile()
         except Exception as e:  # cuDNN rejects some shapes, dtypes and versions
             if self.attention != "cudnn" or self.config.attention == "cudnn":
                 raise
             print(f"cuDNN attention unavailable ({type(e).__name__}: {e}); using XLA's", flush=True)
             self.attention = "xla"
             self.train_step = (
-                jax.jit(self._train_step).lower(params, opt_state, tokens, lr).compile()
+                jax.jit(self._train_step).lower(params, opt_state, tokens, lr, inputs).compile()
             )
 
 
@@ -401,15 +475,9 @@ def train(
       (its parameters rounded to bf16, the export dtype, then scored in fp32).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else ASSETS / "verifier"
     tc = train_config
-    if model_config.max_position_embeddings < tc.seq_len:
-        raise SpecAttnError(
-            f"seq_len={tc.seq_len} exceeds max_position_embeddings="
-            f"{model_config.max_position_embeddings}"
-        )
     vocab = _load_bpe(tokenizer_dir).get_vocab_size()
     if vocab > model_config.vocab_size:
         raise SpecAttnError(
@@ -419,12 +487,40 @@ def train(
     cache = Path(token_cache_dir) if token_cache_dir is not None else out_dir / "tokens"
     train_stream = tokenize_split("train", data_dir, tokenizer_dir, cache)
     val_stream = tokenize_split("validation", data_dir, tokenizer_dir, cache)
+    model = init_model(model_config, tc.seed)
+    return train_model(model, train_stream, val_stream, tc, out_dir, progress=progress)
+
+
+def train_model(
+    model: Llama,
+    train_stream: np.ndarray,  # u16/i32[N]
+    val_stream: np.ndarray,  # u16/i32[M]
+    train_config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    objective: Objective | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Trains `model` (fp32) on windows of `train_stream`: the loop behind `train`.
+
+    `objective` is what each step minimises (default: `NextTokenLoss`); its named parts are
+    logged beside the loss. The periodic and final evaluations score the next-token loss of
+    `val_stream`. Outputs as `train`'s.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tc = train_config
+    objective = objective if objective is not None else NextTokenLoss()
+    if model.config.max_position_embeddings < tc.seq_len:
+        raise SpecAttnError(
+            f"seq_len={tc.seq_len} exceeds max_position_embeddings="
+            f"{model.config.max_position_embeddings}"
+        )
     periodic_windows = eval_windows(val_stream, tc.seq_len, tc.eval_windows)
     batches = train_windows(train_stream, tc.seq_len, tc.batch_size, tc.seed)
 
-    model = init_model(model_config, tc.seed)
     graphdef, params = nnx.split(model)
-    steps = _Steps(graphdef, tc, _attention_impl(tc, tc.compute_dtype))
+    steps = _Steps(graphdef, tc, _attention_impl(tc, tc.compute_dtype), objective)
     opt_state = steps.tx.init(params)
     t0 = time.perf_counter()
     steps.compile(params, opt_state)
@@ -432,7 +528,7 @@ def train(
 
     history: dict[str, Any] = {
         "train_config": dataclasses.asdict(tc),
-        "model_config": model_config.to_hf(),
+        "model_config": model.config.to_hf(),
         "params": count_params(model),
         "train_tokens": int(len(train_stream)),
         "validation_tokens": int(len(val_stream)),
@@ -459,7 +555,7 @@ def train(
     while step < total_steps:
         lr = learning_rate(step, total_steps, tc)
         params, opt_state, stats = steps.train_step(
-            params, opt_state, next(batches), np.float32(lr)
+            params, opt_state, next(batches), np.float32(lr), objective.inputs
         )
         interval_losses.append(stats["loss"])
         step += 1
@@ -485,6 +581,7 @@ def train(
                     "loss": float(losses.mean()),
                     "lr": lr,
                     "grad_norm": float(stats["grad_norm"]),
+                    **{name: float(stats[name]) for name in stats.keys() - {"loss", "grad_norm"}},
                     "tokens_per_s": tokens_per_s,
                     "time_s": round(train_time, 3),
                 }
@@ -562,35 +659,40 @@ def compare_pair(
     batch_size: int = 8,
 ) -> dict[str, float]:
     """Scores both models on the same windows (fp32 compute): each one's mean next-token loss,
-    and the greedy agreement, the fraction of positions where the draft's and the verifier's
-    argmax agree reading the same text (a first look at the greedy acceptance rate)."""
+    the mean KL(verifier || draft) of their next-token distributions, and the greedy
+    agreement, the fraction of positions where the draft's and the verifier's argmax agree
+    reading the same text (a first look at the greedy acceptance rate)."""
 
-    def scores(graphdef, state, tokens):
-        logits = causal_lm_logits(nnx.merge(graphdef, _cast(state, jnp.float32)), tokens[:, :-1])
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-        return losses.sum(), jnp.argmax(logits, -1)
+    def logits_of(graphdef, state, tokens):
+        return causal_lm_logits(nnx.merge(graphdef, _cast(state, jnp.float32)), tokens[:, :-1])
 
     @jax.jit
     def batch_scores(draft_state, verifier_state, tokens):
-        draft_loss, draft_argmax = scores(draft_graph, draft_state, tokens)
-        verifier_loss, verifier_argmax = scores(verifier_graph, verifier_state, tokens)
-        return draft_loss, verifier_loss, (draft_argmax == verifier_argmax).sum()
+        draft_logits = logits_of(draft_graph, draft_state, tokens)
+        verifier_logits = logits_of(verifier_graph, verifier_state, tokens)
+        return (
+            next_token_losses(draft_logits, tokens).sum(),
+            next_token_losses(verifier_logits, tokens).sum(),
+            next_token_kl(draft_logits, verifier_logits).sum(),
+            (jnp.argmax(draft_logits, -1) == jnp.argmax(verifier_logits, -1)).sum(),
+        )
 
     draft_graph, draft_state = nnx.split(draft)
     verifier_graph, verifier_state = nnx.split(verifier)
-    totals = np.zeros(3)
+    totals = np.zeros(4)
     count = 0
     with jax.default_matmul_precision("highest"):
         for start in range(0, len(windows), batch_size):
             tokens = windows[start : start + batch_size]
             totals += [float(x) for x in batch_scores(draft_state, verifier_state, tokens)]
             count += tokens[:, 1:].size
-    draft_loss, verifier_loss, agree = totals / count
+    draft_loss, verifier_loss, kl, agree = totals / count
     return {
         "draft_val_loss": draft_loss,
         "verifier_val_loss": verifier_loss,
         "draft_val_ppl": math.exp(draft_loss),
         "verifier_val_ppl": math.exp(verifier_loss),
+        "kl_verifier_to_draft": kl,
         "greedy_agreement": agree,
         "tokens": count,
     }
@@ -669,14 +771,11 @@ def plot_history(histories: dict[str, dict], path: str | Path) -> Path:
     return Path(path)
 
 
-def main(argv: list[str] | None = None, parser_class=argparse.ArgumentParser) -> None:
-    """`specattn train`: `parser_class` lets the CLI turn usage errors into one line."""
-    parser = parser_class(
-        prog="specattn train", description="Train a Llama on the Gutenberg train books."
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The recipe's options of `specattn train`."""
     parser.add_argument("--config", required=True, type=Path, help="JSON {model, train}")
-    parser.add_argument("--out-dir", required=True, type=Path)
-    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--out-dir", required=True, type=Path, help="checkpoints, history")
+    parser.add_argument("--data-dir", type=Path, default=None, help="the Gutenberg folder")
     parser.add_argument("--tokenizer", type=Path, default=None, help="folder of tokenizer.json")
     parser.add_argument("--token-cache", type=Path, default=None, help="tokenized splits")
     parser.add_argument("--export", type=Path, default=None, help="HF folder to write")
@@ -685,7 +784,10 @@ def main(argv: list[str] | None = None, parser_class=argparse.ArgumentParser) ->
     parser.add_argument("--time-budget", type=float, default=None, help="seconds of steps")
     parser.add_argument("--no-time-budget", action="store_true", help="run exactly `steps`")
     parser.add_argument("--attention", choices=_ATTENTION_CHOICES, default=None)
-    args = parser.parse_args(argv)
+
+
+def run_config(args: argparse.Namespace) -> tuple[TrainConfig, LlamaConfig]:
+    """The config file's (TrainConfig, LlamaConfig), with the command line's overrides."""
     train_config, model_config = load_run_config(args.config)
     overrides = {
         "steps": args.steps,
@@ -696,7 +798,12 @@ def main(argv: list[str] | None = None, parser_class=argparse.ArgumentParser) ->
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_time_budget:
         overrides["time_budget_s"] = None
-    train_config = dataclasses.replace(train_config, **overrides)
+    return dataclasses.replace(train_config, **overrides), model_config
+
+
+def run(args: argparse.Namespace) -> None:
+    """Trains from scratch as `args` say, exports, and prints the final metrics."""
+    train_config, model_config = run_config(args)
     result = train(
         train_config,
         model_config,
@@ -708,6 +815,15 @@ def main(argv: list[str] | None = None, parser_class=argparse.ArgumentParser) ->
     if args.export is not None:
         export_model(result.model, args.export, args.tokenizer or ASSETS / "verifier")
     print(json.dumps(result.metrics, indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m specattn_jax.train",
+        description="Train a Llama on the Gutenberg train books.",
+    )
+    add_arguments(parser)
+    run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 import jax  # noqa: E402
-import pytest
+import pytest  # noqa: E402
+
+from tests.synthetic_corpus import write_corpus  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -20,6 +22,12 @@ def stories260k_dir() -> Path:
     if not (STORIES260K / "stories260K.bin").is_file():
         pytest.skip(f"../shared/models/stories260K is not beside the checkout ({STORIES260K})")
     return STORIES260K
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A Gutenberg-shaped folder of sentences from a small grammar (`synthetic_corpus`)."""
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def pytest_configure(config):

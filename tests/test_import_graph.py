@@ -51,6 +51,7 @@ LAYER_OF = {
     "specattn_jax.convert": "tools",
     "specattn_jax.eval": "tools",
     "specattn_jax.train": "tools",
+    "specattn_jax.distill": "tools",
     "specattn_jax.tokenizer_training": "tools",
     "specattn_jax.data": "tools",
     "specattn_jax.demo": "tools",

@@ -2,7 +2,6 @@
 falls, a seed fixes the run, checkpoints and the HF export load back."""
 
 import dataclasses
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -34,42 +33,6 @@ from specattn_jax.train import (
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-_WORDS = (
-    "the a man woman ship sea house night old young dark long went saw said came looked "
-    "into upon over under and but while when quietly slowly".split()
-)
-
-
-def _book(seed: int, sentences: int = 400) -> str:
-    """Sentences from a small grammar: learnable, so the loss must fall."""
-    rng = np.random.default_rng(seed)
-    nouns, verbs, adjectives = _WORDS[2:8], _WORDS[12:17], _WORDS[8:12]
-    lines = []
-    for _ in range(sentences):
-        subject = f"the {rng.choice(adjectives)} {rng.choice(nouns)}"
-        obj = f"{rng.choice(['the', 'a'])} {rng.choice(nouns)}"
-        lines.append(
-            f"{subject.capitalize()} {rng.choice(verbs)} {obj} {rng.choice(_WORDS[17:21])} night."
-        )
-    return "\n".join(" ".join(lines[i : i + 4]) for i in range(0, len(lines), 4)) + "\n"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A Gutenberg-shaped folder: MANIFEST.tsv and 3 train, 1 validation, 1 test book."""
-    root = tmp_path_factory.mktemp("corpus")
-    header = "file\tgutenberg_id\ttitle\tauthor\tchars\tsha256\tsplit\tsource\tsplit_basis"
-    rows = [header]
-    for i, split in enumerate(["train", "train", "validation", "train", "test"]):
-        text = _book(i)
-        name = f"pg{i}.txt"
-        (root / name).write_text(text)
-        digest = hashlib.sha256(text.encode()).hexdigest()
-        rows.append(
-            f"{name}\t{i}\tBook {i}\tAuthor\t{len(text)}\t{digest}\t{split}\tsynthetic\tnone"
-        )
-    (root / "MANIFEST.tsv").write_text("\n".join(rows) + "\n")
-    return root
 
 
 @pytest.fixture(scope="module")
