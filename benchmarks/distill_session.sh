@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The real-verifier session on the GPU machine: the SmolLM2-135M draft distilled, then
-# reported (acceptance on test text, the layer map). The inputs (the SmolLM2 GGUF, the
+# reported (acceptance on test text, the layer map), then the quality sweep (PHASE=sweep,
+# SWEEP_ARGS for the window; its layer map is the report's). The inputs (the SmolLM2 GGUF, the
 # Gutenberg corpus as tar.xz, the `gguf` wheel) are one tar, too big for one call's working
 # tree: `benchmarks/stage_parts.sh` splits it, each call carries one part into /tmp/stage,
 # and the last part's call assembles and checks it (PHASE=assemble).
@@ -8,6 +9,7 @@
 #   PHASE=stage PART=.stage/p1 bash benchmarks/distill_session.sh     # once per part
 #   PHASE=stage,assemble,train PART=.stage/p4 bash benchmarks/distill_session.sh  # <= 10 min
 #   PHASE=report bash benchmarks/distill_session.sh                   # the same machine, warm
+#   PHASE=sweep SWEEP_ARGS="--window 8192 --prefix 4096" bash benchmarks/distill_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/distill}
@@ -48,11 +50,19 @@ if [[ $PHASE == *report* ]]; then
   echo "== layer map, calibrated on the validation books"
   mkdir -p /tmp/validation_books
   python3 -c "
-import shutil, sys
+import shutil
 from specattn_jax.data import split_books
 for book in split_books('validation', '$DATA'):
     shutil.copy(book.path, '/tmp/validation_books/')"
   timeout "${CALIBRATE_S:-200}" python3 -m specattn_jax.cli calibrate --verifier "$GGUF" \
     --draft "$RUN/hf" --text /tmp/validation_books --seq-len 2048 --num-sequences 32 \
-    --out "$OUT/layer_map.json" --plot "$OUT/layer_map.png" --dtype float32 2>&1 | tail -n 5
+    --out "$RUN/layer_map.json" --plot "$OUT/layer_map.png" --dtype float32 2>&1 | tail -n 5
+  cp "$RUN/layer_map.json" "$OUT/"
+fi
+
+if [[ $PHASE == *sweep* ]]; then
+  echo "== perplexity against KV reduction on the test books"
+  timeout "${SWEEP_S:-560}" python3 benchmarks/ppl_vs_kv.py --verifier "$GGUF" --draft "$RUN/hf" \
+    --data-dir "$DATA" --layer-map "$RUN/layer_map.json" --out-dir "$OUT" ${SWEEP_ARGS:-} 2>&1 \
+    | grep -v "it/s\]\|s/it\]" | tail -n 40
 fi

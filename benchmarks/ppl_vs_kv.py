@@ -55,6 +55,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--recent-window", type=int, default=256, help="recent tokens specattn_recent reads"
     )
+    parser.add_argument(
+        "--layer-map",
+        help="layer map JSON (default: the bundled map for the bundled pair, else one "
+        "calibrated on 8 validation windows of up to 1024 tokens)",
+    )
     parser.add_argument("--quick", action="store_true", help="one short window, few settings")
     args = parser.parse_args(argv)
     if args.quick:
@@ -74,7 +79,9 @@ def main(argv=None) -> int:
     )
     bundled_map = ASSETS / "layer_map.json"
     layer_map = None
-    if args.verifier == "bundled:verifier" and bundled_map.is_file():
+    if args.layer_map is not None:
+        layer_map = LayerMap.load(args.layer_map)
+    elif args.verifier == "bundled:verifier" and bundled_map.is_file():
         layer_map = LayerMap.load(bundled_map)
     factory = MethodFactory(
         draft,

@@ -9,10 +9,11 @@ the device, the attention backend (Pallas kernel or `jnp` reference) and the dty
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import sys
 import time
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as distribution_version
 from pathlib import Path
 
 import jax
@@ -66,6 +67,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         command = self.prog.removeprefix("specattn").strip()
         raise SpecAttnError(f"{command}: {message}" if command else message)
+
+
+def package_version() -> str:
+    """The installed distribution's version; run from a checkout that is not installed (its
+    folder on PYTHONPATH, as on the GPU machine), it says so instead."""
+    try:
+        return distribution_version("specattn-jax")
+    except PackageNotFoundError:
+        return "(not installed: run from a checkout)"
 
 
 def default_dtype() -> str:
@@ -491,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--version",
         action="version",
-        version=f"specattn {importlib.metadata.version('specattn-jax')}",
+        version=f"specattn {package_version()}",
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 

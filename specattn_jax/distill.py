@@ -251,6 +251,47 @@ def export_draft(model: Llama, directory: str | Path, tokenizer) -> Path:
     return directory
 
 
+def plot_distillation(history: dict, path: str | Path, title: str) -> Path:
+    """A PNG of a distillation run against tokens seen: the draft's next-token loss (train
+    windows, validation) beside the verifier's on validation, and KL(verifier || draft) on
+    the train windows with the final validation value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_step = history["train_config"]["batch_size"] * history["train_config"]["seq_len"]
+    train_rows, eval_rows, final = history["train"], history["eval"], history["final"]
+    seen = [r["step"] * per_step / 1e6 for r in train_rows]
+    fig, (lm_ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    lm_ax.plot(seen, [r["ce"] for r in train_rows], lw=1, alpha=0.6, label="draft, train")
+    lm_ax.plot(
+        [r["step"] * per_step / 1e6 for r in eval_rows],
+        [r["val_loss"] for r in eval_rows],
+        "o-",
+        ms=3,
+        label="draft, validation",
+    )
+    lm_ax.axhline(final["verifier_val_loss"], color="black", ls="--", lw=1, label="verifier")
+    lm_ax.set_ylabel("next-token loss (nats)")
+    kl_ax.plot(seen, [r["kl"] for r in train_rows], lw=1, label="train windows")
+    kl_ax.plot(
+        final["steps"] * per_step / 1e6, final["kl_verifier_to_draft"], "*", ms=12,
+        label=f"validation, final ({final['kl_verifier_to_draft']:.3f})",
+    )  # fmt: skip
+    kl_ax.set_ylabel("KL(verifier || draft) (nats)")
+    kl_ax.set_yscale("log")
+    for ax in (lm_ax, kl_ax):
+        ax.set_xlabel("tokens seen (millions)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`specattn train`'s distillation options."""
     parser.add_argument(

@@ -721,7 +721,11 @@ def report_pair(
     return {"split": split, "seq_len": seq_len, **report}
 
 
-def plot_history(histories: dict[str, dict], path: str | Path) -> Path:
+def plot_history(
+    histories: dict[str, dict],
+    path: str | Path,
+    title: str = "Bundled pair: training on the Gutenberg train books",
+) -> Path:
     """A PNG of train and validation loss against tokens seen, one colour per model."""
     import matplotlib
 
@@ -764,7 +768,7 @@ def plot_history(histories: dict[str, dict], path: str | Path) -> Path:
     ax.set_ylim(top=min(ax.get_ylim()[1], 7.0))
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("Bundled pair: training on the Gutenberg train books")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

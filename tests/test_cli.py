@@ -1,6 +1,7 @@
 """The `specattn` command line: JSON output of each command on the bundled pair, the same
 tokens as the API, and bad input as one `specattn: error: ...` line with exit status 2."""
 
+import importlib.metadata
 import json
 import shutil
 
@@ -196,6 +197,21 @@ def test_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("specattn 0.")
+
+
+def test_runs_from_a_checkout_that_is_not_installed(monkeypatch, capsys):
+    """On the GPU machine the package is a folder on PYTHONPATH, with no distribution
+    metadata: every command must still parse (it once failed building the parser)."""
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr("specattn_jax.cli.distribution_version", missing)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == "specattn (not installed: run from a checkout)"
+    assert main(["generate", "--min-p", "1.5", "--prompt", "x"]) == 2
+    assert "min_p" in capsys.readouterr().err
 
 
 def test_help_shows_defaults_and_describes_every_option():

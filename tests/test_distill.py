@@ -15,7 +15,7 @@ from scipy.special import log_softmax, softmax
 from specattn_jax import SpecConfig, generate, load_pair, load_pretrained
 from specattn_jax.cli import main as cli_main
 from specattn_jax.config import LlamaConfig
-from specattn_jax.distill import DistillationLoss, embedding_from_verifier
+from specattn_jax.distill import DistillationLoss, embedding_from_verifier, plot_distillation
 from specattn_jax.model import forward
 from specattn_jax.testing import tiny_hf_config
 from specattn_jax.train import init_model
@@ -115,6 +115,11 @@ def test_distillation_brings_the_draft_closer_to_the_verifier(runs):
     assert distilled["greedy_agreement"] > lm_only["greedy_agreement"]
     kl = [row["kl"] for row in runs["distilled"]["history"]["train"]]
     assert kl[-1] < 0.7 * kl[0]
+
+
+def test_the_run_plots_its_curves(runs, tmp_path):
+    path = plot_distillation(runs["distilled"]["history"], tmp_path / "curves.png", "a run")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_exported_draft_drafts_for_the_verifier(runs):
