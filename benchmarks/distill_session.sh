@@ -4,7 +4,8 @@
 # SWEEP_ARGS for the window; its layer map is the report's). The inputs (the SmolLM2 GGUF, the
 # Gutenberg corpus as tar.xz, the `gguf` wheel) are one tar, too big for one call's working
 # tree: `benchmarks/stage_parts.sh` splits it, each call carries one part into /tmp/stage,
-# and the last part's call assembles and checks it (PHASE=assemble).
+# and the last part's call assembles and checks it (PHASE=assemble). With a staged draft
+# (stage_parts.sh DRAFT=...), the report and sweep phases need no training.
 #
 #   PHASE=stage PART=.stage/p1 bash benchmarks/distill_session.sh     # once per part
 #   PHASE=stage,assemble,train PART=.stage/p4 bash benchmarks/distill_session.sh  # <= 10 min
@@ -28,6 +29,7 @@ if [[ $PHASE == *assemble* ]]; then
   mkdir -p "$ASSETS" && cat /tmp/stage/assets.tar.part* > /tmp/assets.tar
   (cd /tmp && sha256sum -c stage/assets.tar.sha256) || { ls -la /tmp/stage; exit 3; }
   tar -xf /tmp/assets.tar -C "$ASSETS" && tar -xJf "$ASSETS/gutenberg.tar.xz" -C "$ASSETS"
+  if [[ -d $ASSETS/smollm2-draft ]]; then mkdir -p "$RUN" && cp -r "$ASSETS/smollm2-draft" "$RUN/hf"; fi
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$ASSETS"/gguf-*.whl
   ls -la "$ASSETS"
 fi

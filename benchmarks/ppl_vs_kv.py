@@ -30,13 +30,22 @@ RECENT_P_VALUES = (0.5, 0.6, 0.7, 0.8, 0.9)
 BUDGETS = (0.1, 0.2, 0.3, 0.5)
 
 
-def settings(p_values, recent_p_values, budgets) -> list[tuple[str, float]]:
-    return (
+METHODS = ("specattn", "specattn_recent", "oracle", "quest", "double_sparsity", "streaming_llm")
+
+
+def settings(p_values, recent_p_values, budgets, methods=METHODS) -> list[tuple[str, float]]:
+    """(method, p or budget) of each row, in the table's order, for the chosen methods."""
+    rows = (
         [("specattn", p) for p in p_values]
         + [("specattn_recent", p) for p in recent_p_values]
         + [("oracle", p) for p in p_values]
         + [(m, b) for m in ("quest", "double_sparsity", "streaming_llm") for b in budgets]
     )
+    return [row for row in rows if row[0] in methods]
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(","))
 
 
 def main(argv=None) -> int:
@@ -60,14 +69,26 @@ def main(argv=None) -> int:
         help="layer map JSON (default: the bundled map for the bundled pair, else one "
         "calibrated on 8 validation windows of up to 1024 tokens)",
     )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated methods to run (a long sweep can be split over several runs)",
+    )
+    parser.add_argument("--p-values", type=_floats, default=P_VALUES, help="specattn, oracle")
+    parser.add_argument("--recent-p-values", type=_floats, default=RECENT_P_VALUES)
+    parser.add_argument("--budgets", type=_floats, default=BUDGETS, help="the baselines' budgets")
     parser.add_argument("--quick", action="store_true", help="one short window, few settings")
     args = parser.parse_args(argv)
+    methods = tuple(args.methods.split(","))
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     if args.quick:
         args.window, args.prefix, args.num_windows, args.batch_size = 256, 128, 1, 1
         args.recent_window = 32
         p_values, recent_p_values, budgets = (0.9, 1.0), (0.5,), (0.3, 1.0)
     else:
-        p_values, recent_p_values, budgets = P_VALUES, RECENT_P_VALUES, BUDGETS
+        p_values, recent_p_values, budgets = args.p_values, args.recent_p_values, args.budgets
 
     verifier, tokenizer = load_pretrained(args.verifier, jnp.float32)
     draft, _ = load_pretrained(args.draft, jnp.float32)
@@ -97,7 +118,11 @@ def main(argv=None) -> int:
     )
     start = time.perf_counter()
     rows = compare_methods(
-        factory, windows, protocol, settings(p_values, recent_p_values, budgets), progress=True
+        factory,
+        windows,
+        protocol,
+        settings(p_values, recent_p_values, budgets, methods),
+        progress=True,
     )
     seconds = time.perf_counter() - start
     out = Path(args.out_dir)

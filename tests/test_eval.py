@@ -1,6 +1,7 @@
 """Selectors and the decode-time perplexity protocol: budgets, always-read positions, KV
 reduction from what the attention read, exactness at full budget, the sweep end to end."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -207,3 +208,16 @@ def test_sweep_runs_end_to_end(tmp_path):
             assert row["kv_reduction"] > 0
     assert "| specattn (p=0.9) |" in (tmp_path / "ppl_vs_kv.md").read_text()
     assert (tmp_path / "ppl_vs_kv.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_runs_a_chosen_subset_of_methods():
+    """A long sweep is split over several runs by --methods; a wrong name is refused."""
+    script = Path(__file__).parents[1] / "benchmarks" / "ppl_vs_kv.py"
+    spec = importlib.util.spec_from_file_location("ppl_vs_kv", script)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    rows = sweep.settings((0.9,), (0.5,), (0.2, 0.3), ("quest", "oracle"))
+    assert rows == [("oracle", 0.9), ("quest", 0.2), ("quest", 0.3)]
+    assert len(sweep.settings((0.9,), (0.5,), (0.2,))) == 6
+    with pytest.raises(SystemExit):
+        sweep.main(["--methods", "quest,nonsense"])
