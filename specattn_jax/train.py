@@ -777,17 +777,23 @@ def plot_history(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The recipe's options of `specattn train`."""
-    parser.add_argument("--config", required=True, type=Path, help="JSON {model, train}")
+    parser.add_argument(
+        "--config", required=True, type=Path, help="JSON {model, train} (and distill)"
+    )
     parser.add_argument("--out-dir", required=True, type=Path, help="checkpoints, history")
     parser.add_argument("--data-dir", type=Path, default=None, help="the Gutenberg folder")
-    parser.add_argument("--tokenizer", type=Path, default=None, help="folder of tokenizer.json")
+    parser.add_argument(
+        "--tokenizer", type=Path, default=None, help="folder of tokenizer.json (from scratch)"
+    )
     parser.add_argument("--token-cache", type=Path, default=None, help="tokenized splits")
     parser.add_argument("--export", type=Path, default=None, help="HF folder to write")
     parser.add_argument("--steps", type=int, default=None, help="override train.steps")
     parser.add_argument("--seed", type=int, default=None, help="override train.seed")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds of steps")
     parser.add_argument("--no-time-budget", action="store_true", help="run exactly `steps`")
-    parser.add_argument("--attention", choices=_ATTENTION_CHOICES, default=None)
+    parser.add_argument(
+        "--attention", choices=_ATTENTION_CHOICES, default=None, help="override train.attention"
+    )
 
 
 def run_config(args: argparse.Namespace) -> tuple[TrainConfig, LlamaConfig]:

@@ -193,9 +193,12 @@ def test_protocol_scores_the_same_tokens_as_a_plain_forward(factory, windows):
     assert dense["nll"] == pytest.approx(scored.mean(), rel=1e-5)
 
 
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
 def test_sweep_runs_end_to_end(tmp_path):
     """The sweep runs as users run it: a script, in its own interpreter."""
-    script = Path(__file__).parents[1] / "benchmarks" / "ppl_vs_kv.py"
+    script = BENCHMARKS / "ppl_vs_kv.py"
     subprocess.run([sys.executable, str(script), "--quick", "--out-dir", str(tmp_path)], check=True)
     report = json.loads((tmp_path / "ppl_vs_kv.json").read_text())
     rows = report["rows"]
@@ -210,14 +213,34 @@ def test_sweep_runs_end_to_end(tmp_path):
     assert (tmp_path / "ppl_vs_kv.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def _benchmark_script(name: str):
+    """A script of benchmarks/ as a module (they are not an installed package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_sweep_runs_a_chosen_subset_of_methods():
     """A long sweep is split over several runs by --methods; a wrong name is refused."""
-    script = Path(__file__).parents[1] / "benchmarks" / "ppl_vs_kv.py"
-    spec = importlib.util.spec_from_file_location("ppl_vs_kv", script)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = _benchmark_script("ppl_vs_kv")
     rows = sweep.settings((0.9,), (0.5,), (0.2, 0.3), ("quest", "oracle"))
     assert rows == [("oracle", 0.9), ("quest", 0.2), ("quest", 0.3)]
     assert len(sweep.settings((0.9,), (0.5,), (0.2,))) == 6
     with pytest.raises(SystemExit):
         sweep.main(["--methods", "quest,nonsense"])
+
+
+def test_attention_recall_sets():
+    """The diagnostic's top-p set is the fewest entries reaching p (ties by position are
+    irrelevant here: distinct values), and its top-k set the k largest, row by row."""
+    recall = _benchmark_script("attention_recall")
+    scores = np.array([[0.05, 0.5, 0.1, 0.3, 0.05], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    np.testing.assert_array_equal(
+        recall.top_p_mask(scores, 0.8),
+        [[False, True, False, True, False], [True, True, True, True, False]],
+    )
+    np.testing.assert_array_equal(recall.top_p_mask(scores[:1], 0.85)[0], [0, 1, 1, 1, 0])
+    np.testing.assert_array_equal(
+        recall.top_k_mask(scores[:1], np.array([2]))[0], [False, True, False, True, False]
+    )
