@@ -45,9 +45,13 @@ def head_mean_attention(model, tokens: np.ndarray, queries: int) -> np.ndarray:
     return np.asarray(info.attention[:, 0], np.float32)
 
 
-def top_k_mask(scores: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """bool[..., S]: the k[...] largest entries of each row."""
-    ranks = np.argsort(np.argsort(-scores, axis=-1), axis=-1)
+def descending_ranks(scores: np.ndarray) -> np.ndarray:
+    """i64[..., S]: each entry's place in its row, largest first (0 for the largest)."""
+    return np.argsort(np.argsort(-scores, axis=-1), axis=-1)
+
+
+def top_k_mask(ranks: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """bool[..., S]: the k[...] largest entries of each row, from `descending_ranks`."""
     return ranks < k[..., None]
 
 
@@ -95,6 +99,7 @@ def main() -> None:
         guide = head_mean_attention(draft, tokens, args.queries)  # [Ld, Q, S]
         guide = np.concatenate([guide, guide.mean(axis=0, keepdims=True)])  # [Ld + 1, Q, S]
         context = len(tokens) - args.queries + 1 + np.arange(args.queries)  # live per row
+        guide_ranks = descending_ranks(guide)
         for k, p in enumerate(p_values):
             masks = top_p_mask(guide, p)  # [Ld + 1, Q, S]
             size[k] += (masks.sum(-1) / context).sum(-1)
@@ -102,7 +107,7 @@ def main() -> None:
             oracle_counts = top_p_mask(target, p).sum(-1)  # [Lv, Q]
             oracle[k] += (oracle_counts / context).sum(-1)
             for j, counts in enumerate(oracle_counts):
-                ranked[k, j] += np.einsum("qs,dqs->d", target[j], top_k_mask(guide, counts))
+                ranked[k, j] += np.einsum("qs,dqs->d", target[j], top_k_mask(guide_ranks, counts))
         rows += args.queries
     recall, size, oracle, ranked = recall / rows, size / rows, oracle / rows, ranked / rows
 

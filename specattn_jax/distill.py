@@ -123,16 +123,9 @@ def verifier_token_stream(
     def encode(texts: list[str]) -> list[list[int]]:
         return [ids + eos for ids in tokenizer(texts, verbose=False)["input_ids"]]
 
-    fingerprint = json.dumps(
-        [tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id], sort_keys=True
-    )
+    fingerprint = json.dumps([tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id])
     return train.cached_token_stream(
-        split,
-        data_dir,
-        encode,
-        fingerprint=fingerprint.encode(),
-        vocab_size=len(tokenizer),
-        cache_dir=cache_dir,
+        split, data_dir, encode, fingerprint=fingerprint.encode(), cache_dir=cache_dir
     )
 
 
@@ -231,10 +224,11 @@ def distill(
         train.eval_windows(val_stream, tc.seq_len, tc.final_eval_windows),
         batch_size=tc.batch_size,
     )
+    verifier_params = count_params(verifier)
     result.metrics.update(
         comparison,
-        verifier_params=count_params(verifier),
-        params_ratio=count_params(verifier) / result.metrics["params"],
+        verifier_params=verifier_params,
+        params_ratio=verifier_params / result.metrics["params"],
         distill_config=dataclasses.asdict(distill_config),
     )
     result.history["final"] = result.metrics

@@ -169,22 +169,17 @@ def tokenize_split(
     tokenizer_file = Path(tokenizer_dir) / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise SpecAttnError(f"no tokenizer.json in {tokenizer_dir}")
-    tokenizer = _load_bpe(Path(tokenizer_dir))
-    bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
-    if bos is None or eos is None:
-        raise SpecAttnError(f"the tokenizer in {tokenizer_dir} lacks <s> or </s>")
 
     def encode(texts: list[str]) -> list[list[int]]:
+        tokenizer = _load_bpe(Path(tokenizer_dir))
+        bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+        if bos is None or eos is None:
+            raise SpecAttnError(f"the tokenizer in {tokenizer_dir} lacks <s> or </s>")
         encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
         return [[bos, *e.ids, eos] for e in encodings]
 
     return cached_token_stream(
-        split,
-        data_dir,
-        encode,
-        fingerprint=tokenizer_file.read_bytes(),
-        vocab_size=tokenizer.get_vocab_size(),
-        cache_dir=cache_dir,
+        split, data_dir, encode, fingerprint=tokenizer_file.read_bytes(), cache_dir=cache_dir
     )
 
 
@@ -194,12 +189,12 @@ def cached_token_stream(
     encode: Callable[[list[str]], list[list[int]]],
     *,
     fingerprint: bytes,
-    vocab_size: int,
     cache_dir: str | Path | None = None,
 ) -> np.ndarray:
     """u16/i32[N]: the split's books encoded by `encode` (each book's ids, special tokens
-    included), concatenated in manifest order; cached under `cache_dir` by a key hashing
-    `fingerprint` (the tokenizer) and the books' sha256s."""
+    included), concatenated in manifest order, in the narrower dtype that holds them; cached
+    under `cache_dir` by a key hashing `fingerprint` (the tokenizer) and the books' sha256s.
+    `encode` runs only on a cache miss."""
     books = split_books(split, data_dir)
     key = hashlib.sha256(fingerprint)
     for book in books:
@@ -207,8 +202,9 @@ def cached_token_stream(
     cache = Path(cache_dir) / f"{split}-{key.hexdigest()[:16]}.npy" if cache_dir else None
     if cache is not None and cache.is_file():
         return np.load(cache)
-    dtype = np.uint16 if vocab_size <= 2**16 else np.int32
-    stream = np.concatenate([np.asarray(ids, dtype) for ids in encode([b.read() for b in books])])
+    encoded = encode([book.read() for book in books])
+    stream = np.concatenate([np.asarray(ids, np.int64) for ids in encoded])
+    stream = stream.astype(np.uint16 if stream.max(initial=0) < 2**16 else np.int32)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache, stream)

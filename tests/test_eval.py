@@ -241,6 +241,7 @@ def test_attention_recall_sets():
         [[False, True, False, True, False], [True, True, True, True, False]],
     )
     np.testing.assert_array_equal(recall.top_p_mask(scores[:1], 0.85)[0], [0, 1, 1, 1, 0])
+    ranks = recall.descending_ranks(scores[:1])
     np.testing.assert_array_equal(
-        recall.top_k_mask(scores[:1], np.array([2]))[0], [False, True, False, True, False]
+        recall.top_k_mask(ranks, np.array([2]))[0], [False, True, False, True, False]
     )
