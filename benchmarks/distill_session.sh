@@ -5,7 +5,9 @@
 # Gutenberg corpus as tar.xz, the `gguf` wheel) are one tar, too big for one call's working
 # tree: `benchmarks/stage_parts.sh` splits it, each call carries one part into /tmp/stage,
 # and the last part's call assembles and checks it (PHASE=assemble). With a staged draft
-# (stage_parts.sh DRAFT=...), the report and sweep phases need no training.
+# (stage_parts.sh DRAFT=...), the report and sweep phases need no training. The report phase
+# also scores the draft's attention (attention_recall.py) and sends the exported draft back
+# as a tar in parts of 15 MiB (cat draft.tar.part* | tar -x).
 #
 #   PHASE=stage PART=.stage/p1 bash benchmarks/distill_session.sh     # once per part
 #   PHASE=stage,assemble,train PART=.stage/p4 bash benchmarks/distill_session.sh  # <= 10 min
@@ -60,6 +62,11 @@ for book in split_books('validation', '$DATA'):
     --draft "$RUN/hf" --text /tmp/validation_books --seq-len 2048 --num-sequences 32 \
     --out "$RUN/layer_map.json" --plot "$OUT/layer_map.png" --dtype float32 2>&1 | tail -n 5
   cp "$RUN/layer_map.json" "$OUT/"
+  echo "== the draft's attention against the verifier's (validation text)"
+  timeout "${RECALL_S:-120}" python3 benchmarks/attention_recall.py --verifier "$GGUF" \
+    --draft "$RUN/hf" --layer-map "$RUN/layer_map.json" --data-dir "$DATA" \
+    --out "$OUT/attention_recall.json" 2>&1 | grep -v "it/s\]\|s/it\]" | tail -n 30
+  tar -cf - -C "$RUN" hf | split -b 15M - "$OUT/draft.tar.part"
 fi
 
 if [[ $PHASE == *sweep* ]]; then

@@ -165,12 +165,15 @@ class ForwardInfo:
         clipped to the context, plus the T new tokens).
       kv_dense: i32[B] positions a dense layer reads: context + T.
       queries: [L, B, T, H, D] every layer's RoPE'd queries (when asked for), else None.
+      keys: [L, B, T, H_kv, D] every layer's RoPE'd keys of the new tokens (when asked for),
+        else None.
     """
 
     attention: jax.Array | None
     kv_read: jax.Array  # i32[L, B]
     kv_dense: jax.Array  # i32[B]
     queries: jax.Array | None = None
+    keys: jax.Array | None = None
 
 
 def _per_sequence(reads: jax.Array) -> jax.Array:
@@ -193,18 +196,44 @@ def dense_attention(
     attention probabilities f32[B, T, S] (zero at positions not read).
     """
     batch, num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    q = q.reshape(batch, num_tokens, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * head_dim**-0.5
-    key_positions = jnp.arange(k.shape[1], dtype=jnp.int32)
-    visible = key_positions[None, None, :] <= query_positions[:, :, None]  # [B, T, S]
-    scores = jnp.where(visible[:, None, None], scores, DEFAULT_MASK_VALUE)
+    scores, visible = causal_scores(q, k, query_positions)
     probs = jax.nn.softmax(scores, axis=-1)  # [B, H_kv, G, T, S]
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
     summary = probs.mean(axis=(1, 2)) if return_summary else None
     reads = jnp.sum(visible.any(axis=1), axis=-1, dtype=jnp.int32)
     return out.reshape(batch, num_tokens, num_heads, head_dim), reads, summary
+
+
+def causal_scores(
+    q: jax.Array,  # [B, T, H, D]
+    k: jax.Array,  # [B, S, H_kv, D]
+    query_positions: jax.Array,  # i32[B, T]
+) -> tuple[jax.Array, jax.Array]:
+    """Scaled attention logits f32[B, H_kv, G, T, S] of queries over keys at positions 0..S-1,
+    `DEFAULT_MASK_VALUE` where a key lies after its query, and that visibility bool[B, T, S]."""
+    batch, num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    q = q.reshape(batch, num_tokens, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * head_dim**-0.5
+    key_positions = jnp.arange(k.shape[1], dtype=jnp.int32)
+    visible = key_positions[None, None, :] <= query_positions[:, :, None]
+    return jnp.where(visible[:, None, None], scores, DEFAULT_MASK_VALUE), visible
+
+
+def head_mean_log_probabilities(
+    q: jax.Array,  # [B, T, H, D]
+    k: jax.Array,  # [B, S, H_kv, D]
+    query_positions: jax.Array,  # i32[B, T]
+) -> jax.Array:  # f32[B, T, S]
+    """The log of the head-mean causal attention probabilities, in log space throughout (a
+    log-sum-exp over heads of each head's log-softmax), so it can be differentiated. Keys
+    after their query get a large negative finite value, not -inf."""
+    scores, visible = causal_scores(q, k, query_positions)
+    log_probs = jax.nn.log_softmax(scores, axis=-1)
+    num_heads = scores.shape[1] * scores.shape[2]
+    mean = jax.nn.logsumexp(log_probs, axis=(1, 2)) - jnp.log(num_heads)
+    return jnp.where(visible, mean, DEFAULT_MASK_VALUE)
 
 
 def self_attention(

@@ -423,8 +423,9 @@ def cmd_train(argv: list[str]) -> None:
     if args.distill_from is not None:
         distill.run(args)
     else:
-        if args.lm_weight is not None:
-            raise SpecAttnError("--lm-weight needs --distill-from")
+        for option in ("lm_weight", "attention_weight"):
+            if getattr(args, option) is not None:
+                raise SpecAttnError(f"--{option.replace('_', '-')} needs --distill-from")
         train.run(args)
 
 

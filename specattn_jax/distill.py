@@ -5,7 +5,11 @@ distributions on the Gutenberg train books (`specattn train --distill-from VERIF
   (its special tokens as `tokenizer(text)` adds them, then its EOS), cut into windows as the
   recipe does (`train.train_windows`).
 - Loss: `(1 - lm_weight) * KL(verifier || draft) + lm_weight * next-token cross-entropy`,
-  per target token. The verifier runs inside each step on the same windows (bf16, no
+  per target token, plus `attention_weight` times the attention loss (`attention_kl`): on
+  `attention_rows` query positions of each window, KL from the verifier's head-mean attention
+  (averaged over a contiguous group of its layers) to the draft's, one group per draft layer.
+  That term teaches the draft's attention to point where the verifier's does, which is what
+  SpecAttn's selection reads. The verifier runs inside each step on the same windows (bf16, no
   gradient); its parameters are an argument of the step, not constants compiled into it.
 - Initialisation: by default the draft's embedding starts as the verifier's, projected on
   its top principal directions (`embedding_from_verifier`); the rest as the recipe's.
@@ -32,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from specattn_jax import train
+from specattn_jax.attention import head_mean_log_probabilities
 from specattn_jax.config import LlamaConfig
 from specattn_jax.convert.hf import save_hf_model
 from specattn_jax.data import default_data_dir
@@ -51,14 +56,23 @@ class DistillConfig:
         `1 - lm_weight` (0: pure distillation, 1: the recipe's loss alone).
       embedding_init: "verifier" (the verifier's embedding on its top principal directions)
         or "random" (the recipe's initialisation).
+      attention_weight: weight of the attention loss (`attention_kl`); 0 turns it off.
+      attention_rows: query positions per window that the attention loss reads
+        (`attention_rows`).
     """
 
     lm_weight: float = 0.0
     embedding_init: str = "verifier"
+    attention_weight: float = 0.0
+    attention_rows: int = 64
 
     def __post_init__(self):
         if not 0.0 <= self.lm_weight <= 1.0:
             raise SpecAttnError(f"lm_weight={self.lm_weight} must be in [0, 1]")
+        if self.attention_weight < 0.0:
+            raise SpecAttnError(f"attention_weight={self.attention_weight} must be >= 0")
+        if self.attention_rows < 1:
+            raise SpecAttnError(f"attention_rows={self.attention_rows} must be at least 1")
         if self.embedding_init not in _EMBEDDING_INITS:
             raise SpecAttnError(
                 f"embedding_init={self.embedding_init!r} is not one of {_EMBEDDING_INITS}"
@@ -74,21 +88,121 @@ def load_distill_config(path: str | Path) -> DistillConfig:
         raise SpecAttnError(f"{path}: bad distill table ({e})") from None
 
 
+def layer_groups(num_verifier_layers: int, num_draft_layers: int) -> tuple[tuple[int, ...], ...]:
+    """The verifier's layers cut into `num_draft_layers` contiguous groups as even as
+    possible, in order: group d is the verifier layers whose attention draft layer d learns.
+    Each group is non-empty, so the draft may not be deeper than the verifier."""
+    if not 0 < num_draft_layers <= num_verifier_layers:
+        raise SpecAttnError(
+            f"the attention loss needs a draft of 1..{num_verifier_layers} layers (one group of "
+            f"verifier layers each), not {num_draft_layers}"
+        )
+    bounds = np.linspace(0, num_verifier_layers, num_draft_layers + 1).round().astype(int)
+    return tuple(tuple(range(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def attention_rows(seq_len: int, count: int) -> tuple[int, ...]:
+    """`count` query positions spread evenly over the last 7/8 of a window of `seq_len`
+    (distinct, ascending): the attention loss reads these rows only, so it never forms
+    [T, T] scores."""
+    first = seq_len // 8
+    return tuple(int(r) for r in np.unique(np.linspace(first, seq_len - 1, count).round()))
+
+
+def attention_kl(
+    draft_queries: jax.Array,  # [L_d, B, T, H_d, D_d]
+    draft_keys: jax.Array,  # [L_d, B, T, H_kv_d, D_d]
+    verifier_queries: jax.Array,  # [L_v, B, T, H_v, D_v]
+    verifier_keys: jax.Array,  # [L_v, B, T, H_kv_v, D_v]
+    rows: tuple[int, ...],
+    groups: tuple[tuple[int, ...], ...],
+) -> jax.Array:  # f32[]
+    """Mean over draft layers d, sequences and `rows` of KL(target_d || draft_d) over the
+    keys: draft_d is draft layer d's head-mean causal attention, target_d the mean of the
+    verifier's head-mean attention over its layers `groups[d]` (no gradient through it)."""
+    row_index = jnp.asarray(rows, jnp.int32)
+    positions = jnp.broadcast_to(row_index, (draft_queries.shape[1], len(rows)))
+
+    def log_attention(queries, keys, layer):  # f32[B, R, T]
+        return head_mean_log_probabilities(queries[layer][:, row_index], keys[layer], positions)
+
+    total = 0.0
+    for draft_layer, group in enumerate(groups):
+        target = sum(
+            jnp.exp(log_attention(verifier_queries, verifier_keys, v)) for v in group
+        ) / len(group)
+        target = jax.lax.stop_gradient(target)
+        log_draft = log_attention(draft_queries, draft_keys, draft_layer)
+        kl = jnp.sum(jax.scipy.special.xlogy(target, target) - target * log_draft, axis=-1)
+        total = total + kl.mean()
+    return total / len(groups)
+
+
+def validation_attention_kl(
+    draft: Llama,
+    verifier: Llama,
+    windows: np.ndarray,  # i32[W, T + 1]
+    rows: tuple[int, ...],
+    groups: tuple[tuple[int, ...], ...],
+    *,
+    batch_size: int = 8,
+) -> float:
+    """`attention_kl` of the draft against the verifier (fp32 compute), averaged over
+    `windows` (the inputs `windows[:, :-1]`, as in training)."""
+
+    def queries_and_keys(graphdef, state, tokens):
+        model = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(jnp.float32), state))
+        _, _, info = model(tokens[:, :-1], return_queries=True, return_keys=True)
+        return info.queries, info.keys
+
+    @jax.jit
+    def batch_kl(draft_state, verifier_state, tokens):
+        draft_qk = queries_and_keys(draft_graph, draft_state, tokens)
+        return attention_kl(*draft_qk, *queries_and_keys(verifier_graph, verifier_state, tokens),
+                            rows, groups)  # fmt: skip
+
+    draft_graph, draft_state = nnx.split(draft)
+    verifier_graph, verifier_state = nnx.split(verifier)
+    total = 0.0
+    with jax.default_matmul_precision("highest"):
+        for start in range(0, len(windows), batch_size):
+            tokens = windows[start : start + batch_size]
+            total += float(batch_kl(draft_state, verifier_state, tokens)) * len(tokens)
+    return total / len(windows)
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillationLoss:
     """The objective of `train.train_model`: `(1 - lm_weight) * KL(verifier || draft) +
-    lm_weight * CE`, token means. `inputs` holds the verifier's parameters (compute dtype)."""
+    lm_weight * CE + attention_weight * attention_kl`, token means. `inputs` holds the
+    verifier's parameters (compute dtype)."""
 
     verifier_graphdef: Any
     inputs: Any
     lm_weight: float
+    attention_weight: float = 0.0
+    rows: tuple[int, ...] = ()
+    groups: tuple[tuple[int, ...], ...] = ()
 
-    def loss(self, logits, tokens, inputs, attention):
+    def loss(self, model, tokens, inputs, attention):
         verifier = nnx.merge(self.verifier_graphdef, inputs)
-        target = train.causal_lm_logits(verifier, tokens[:, :-1], attention=attention)
+        with_attention = self.attention_weight > 0
+        forwards = [
+            m(tokens[:, :-1], implementation=attention, return_queries=with_attention,
+              return_keys=with_attention)
+            for m in (model, verifier)
+        ]  # fmt: skip
+        (logits, _, draft), (target, _, teacher) = forwards
         kl = train.next_token_kl(logits, jax.lax.stop_gradient(target)).mean()
         ce = train.next_token_losses(logits, tokens).mean()
-        return (1.0 - self.lm_weight) * kl + self.lm_weight * ce, {"kl": kl, "ce": ce}
+        loss = (1.0 - self.lm_weight) * kl + self.lm_weight * ce
+        parts = {"kl": kl, "ce": ce}
+        if with_attention:
+            parts["attention_kl"] = attention_kl(
+                draft.queries, draft.keys, teacher.queries, teacher.keys, self.rows, self.groups
+            )
+            loss = loss + self.attention_weight * parts["attention_kl"]
+        return loss, parts
 
 
 def embedding_from_verifier(
@@ -185,7 +299,8 @@ def distill(
 
     Returns:
       `train.TrainResult`; `metrics` adds the draft/verifier comparison on the validation
-      windows (`train.compare_pair`: both losses, KL, greedy agreement) and the
+      windows (`train.compare_pair`: both losses, KL, greedy agreement), the attention
+      loss there (`validation_attention_kl`, whatever `attention_weight`), and the
       parameter ratio.
     """
     distill_config = distill_config or DistillConfig()
@@ -203,6 +318,12 @@ def distill(
             f"{verifier.config.vocab_size}"
         )
     model_config = draft_config_for(verifier, model_config)
+    rows = attention_rows(tc.seq_len, distill_config.attention_rows)
+    draft_layers = model_config.num_hidden_layers
+    verifier_layers = verifier.config.num_hidden_layers
+    groups = None
+    if distill_config.attention_weight > 0 or draft_layers <= verifier_layers:
+        groups = layer_groups(verifier_layers, draft_layers)
     cache = Path(token_cache_dir) if token_cache_dir is not None else out_dir / "tokens"
     train_stream = verifier_token_stream("train", data_dir, tokenizer, cache)
     val_stream = verifier_token_stream("validation", data_dir, tokenizer, cache)
@@ -213,20 +334,24 @@ def distill(
         verifier_graphdef,
         jax.tree.map(lambda p: p.astype(compute_dtype), verifier_state),
         distill_config.lm_weight,
+        distill_config.attention_weight,
+        rows,
+        groups,
     )
     draft = init_draft(model_config, verifier, distill_config, tc.seed)
     result = train.train_model(
         draft, train_stream, val_stream, tc, out_dir, objective=objective, progress=progress
     )
-    comparison = train.compare_pair(
-        result.model,
-        verifier,
-        train.eval_windows(val_stream, tc.seq_len, tc.final_eval_windows),
-        batch_size=tc.batch_size,
-    )
+    windows = train.eval_windows(val_stream, tc.seq_len, tc.final_eval_windows)
+    comparison = train.compare_pair(result.model, verifier, windows, batch_size=tc.batch_size)
     verifier_params = count_params(verifier)
     result.metrics.update(
         comparison,
+        attention_kl=None
+        if groups is None
+        else validation_attention_kl(
+            result.model, verifier, windows, rows, groups, batch_size=tc.batch_size
+        ),
         verifier_params=verifier_params,
         params_ratio=verifier_params / result.metrics["params"],
         distill_config=dataclasses.asdict(distill_config),
@@ -301,6 +426,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="override distill.lm_weight: the weight of the plain next-token loss",
     )
+    parser.add_argument(
+        "--attention-weight",
+        type=float,
+        default=None,
+        help="override distill.attention_weight: the weight of the loss that teaches the "
+        "draft's attention to follow the verifier's (0: off)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -310,8 +442,9 @@ def run(args: argparse.Namespace) -> None:
         raise SpecAttnError("--tokenizer does not apply to --distill-from: the verifier's is used")
     train_config, model_config = train.run_config(args)
     distill_config = load_distill_config(args.config)
-    if args.lm_weight is not None:
-        distill_config = dataclasses.replace(distill_config, lm_weight=args.lm_weight)
+    overrides = {"lm_weight": args.lm_weight, "attention_weight": args.attention_weight}
+    overrides = {name: value for name, value in overrides.items() if value is not None}
+    distill_config = dataclasses.replace(distill_config, **overrides)
     verifier, tokenizer = load_pretrained(args.distill_from)
     if tokenizer is None:
         raise SpecAttnError(f"{args.distill_from} has no tokenizer to read the books with")

@@ -151,11 +151,13 @@ class LayerResult:
       cache: the layer's cache with this forward's keys and values (None without a cache).
       attention: its `AttentionOutput` (positions read, optional head-mean probabilities).
       queries: [B, T, H, D] its RoPE'd queries.
+      keys: [B, T, H_kv, D] this forward's RoPE'd keys.
     """
 
     cache: LayerCache | None
     attention: AttentionOutput
     queries: jax.Array
+    keys: jax.Array
 
 
 class Attention(nnx.Module):
@@ -227,7 +229,7 @@ class Attention(nnx.Module):
         out = linear("bthd,hde->bte", attention.out.astype(x.dtype), self.o_proj[...])
         if self.use_bias:
             out = out + self.o_bias[...]
-        return out, LayerResult(cache, attention, q)
+        return out, LayerResult(cache, attention, q, k)
 
 
 class MLP(nnx.Module):
@@ -299,6 +301,7 @@ class Llama(nnx.Module):
         plan: AttentionPlan | None = None,
         return_attention: bool | tuple[int, ...] = False,
         return_queries: bool = False,
+        return_keys: bool = False,
         last_logits_only: bool = False,
         backend: str = "auto",
         attend: Attend = attend,
@@ -317,6 +320,7 @@ class Llama(nnx.Module):
           return_attention: also return the head-mean attention probabilities: True for every
             layer, or a tuple of the layers wanted (only those compute them).
           return_queries: also return every layer's RoPE'd queries (for calibrations).
+          return_keys: also return every layer's RoPE'd keys of the new tokens.
           last_logits_only: return logits only at each row's last real token.
           backend: "auto", "pallas" or "reference" for the attention kernels.
           attend: the attention function (default `attention.attend`); a mesh's
@@ -376,6 +380,7 @@ class Llama(nnx.Module):
             kv_read=jnp.stack([r.attention.kv_read for r in results]),
             kv_dense=context_lengths + seq,
             queries=jnp.stack([r.queries for r in results]) if return_queries else None,
+            keys=jnp.stack([r.keys for r in results]) if return_keys else None,
         )
         return logits, cache, info
 

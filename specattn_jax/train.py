@@ -311,18 +311,18 @@ def _cast(params, dtype):
 
 
 class Objective(Protocol):
-    """What a training step minimises, given the model's logits f32[B, T, V] on the inputs
-    `tokens[:, :-1]` of windows i32[B, T + 1].
+    """What a training step minimises, given the model (its compute-dtype copy) and windows
+    i32[B, T + 1], whose inputs are `tokens[:, :-1]`.
 
     `inputs` (a pytree of arrays, or None) is handed to every step as an argument rather
     than compiled into it: a teacher's parameters, say. `attention` is the step's attention
-    implementation, for any model the objective runs itself.
+    implementation (`causal_lm_logits`'), for every forward the objective runs.
     """
 
     inputs: Any
 
     def loss(
-        self, logits: jax.Array, tokens: jax.Array, inputs: Any, attention: str
+        self, model: Llama, tokens: jax.Array, inputs: Any, attention: str
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(scalar loss, named scalar parts to log)."""
         ...
@@ -350,7 +350,8 @@ class NextTokenLoss:
 
     inputs: None = None
 
-    def loss(self, logits, tokens, inputs, attention):
+    def loss(self, model, tokens, inputs, attention):
+        logits = causal_lm_logits(model, tokens[:, :-1], attention=attention)
         return next_token_losses(logits, tokens).mean(), {}
 
 
@@ -369,8 +370,7 @@ class _Steps:
 
     def _loss(self, params, tokens, inputs):  # tokens: i32[B, T + 1]
         model = nnx.merge(self.graphdef, _cast(params, self.compute_dtype))
-        logits = causal_lm_logits(model, tokens[:, :-1], attention=self.attention)
-        return self.objective.loss(logits, tokens, inputs, self.attention)
+        return self.objective.loss(model, tokens, inputs, self.attention)
 
     def _train_step(self, params, opt_state, tokens, lr, inputs):
         (loss, parts), grads = jax.value_and_grad(self._loss, has_aux=True)(params, tokens, inputs)
