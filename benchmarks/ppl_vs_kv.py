@@ -6,6 +6,12 @@ Writes `ppl_vs_kv.json` (every row), `ppl_vs_kv.md` (the paper's table) and
 
     python benchmarks/ppl_vs_kv.py --out-dir benchmarks/results
     python benchmarks/ppl_vs_kv.py --quick ...   # a short excerpt, seconds (CI)
+
+A sweep split over several runs (`--methods`, `--p-values`, ...) is joined into one report
+by `--merge RUN.json ...`, and sweeps are drawn side by side on shared axes by
+`--compare "LABEL=RUN.json" ... --plot FILE.png` (neither loads a model). A panel may join
+runs as `LABEL=A.json+B.json`: A's rows, then B's rows of the methods A did not run, each
+row's increase against its own run's dense perplexity.
 """
 
 from __future__ import annotations
@@ -21,7 +27,13 @@ import jax.numpy as jnp
 
 from specattn_jax.data import load_split_texts
 from specattn_jax.eval import MethodFactory, PerplexityProtocol, make_windows
-from specattn_jax.eval.report import compare_methods, markdown_table, plot_perplexity_vs_reduction
+from specattn_jax.eval.report import (
+    compare_methods,
+    markdown_table,
+    merge_reports,
+    plot_perplexity_vs_reduction,
+    plot_relative_increase,
+)
 from specattn_jax.layer_map import LayerMap
 from specattn_jax.loading import ASSETS, load_pretrained
 
@@ -78,7 +90,24 @@ def main(argv=None) -> int:
     parser.add_argument("--recent-p-values", type=_floats, default=RECENT_P_VALUES)
     parser.add_argument("--budgets", type=_floats, default=BUDGETS, help="the baselines' budgets")
     parser.add_argument("--quick", action="store_true", help="one short window, few settings")
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, metavar="RUN.json", help="join these runs' reports"
+    )
+    parser.add_argument(
+        "--compare", nargs="+", metavar="LABEL=RUN.json", help="sweeps to draw side by side"
+    )
+    parser.add_argument("--plot", type=Path, help="the PNG that --compare writes")
     args = parser.parse_args(argv)
+    if args.merge:
+        write_report(merge_reports([json.loads(f.read_text()) for f in args.merge]), args.out_dir)
+        return 0
+    if args.compare:
+        if args.plot is None:
+            parser.error("--compare needs --plot")
+        panels = dict(item.split("=", 1) for item in args.compare)
+        panels = {label: panel_rows(files) for label, files in panels.items()}
+        print(f"wrote {plot_relative_increase(panels, args.plot)}")
+        return 0
     methods = tuple(args.methods.split(","))
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -125,8 +154,6 @@ def main(argv=None) -> int:
         progress=True,
     )
     seconds = time.perf_counter() - start
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     caption = (
         f"Decode-time perplexity on {len(windows)} test-split windows of {args.window} tokens "
         f"({args.prefix} prefilled densely, {protocol.scored_tokens} scored per window), "
@@ -150,14 +177,37 @@ def main(argv=None) -> int:
         "windows": len(windows),
         "rows": rows,
     }
-    (out / "ppl_vs_kv.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown_table(rows)
-    (out / "ppl_vs_kv.md").write_text(f"{caption}\n\n{table}\n")
-    plot_perplexity_vs_reduction(rows, out / "ppl_vs_kv.png", title="Perplexity vs KV reduction")
-    print(caption)
-    print(table)
-    print(f"({seconds:.0f} s on {report['device']}; wrote {out}/ppl_vs_kv.{{json,md,png}})")
+    write_report(report, args.out_dir)
     return 0
+
+
+def panel_rows(files: str) -> list[dict]:
+    """The rows of one --compare panel, "A.json+B.json+...": A's rows, then each later run's
+    rows of the methods no earlier run has."""
+    rows = []
+    for file in files.split("+"):
+        ran = {row["method"] for row in rows}
+        rows += [
+            row for row in json.loads(Path(file).read_text())["rows"] if row["method"] not in ran
+        ]
+    return rows
+
+
+def write_report(report: dict, out_dir: str | Path) -> None:
+    """`ppl_vs_kv.{json,md,png}` of a report in `out_dir`; prints the caption and table."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ppl_vs_kv.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown_table(report["rows"])
+    (out / "ppl_vs_kv.md").write_text(f"{report['caption']}\n\n{table}\n")
+    plot_perplexity_vs_reduction(
+        report["rows"], out / "ppl_vs_kv.png", title="Perplexity vs KV reduction"
+    )
+    print(report["caption"])
+    print(table)
+    print(
+        f"({report['seconds']:.0f} s on {report['device']}; wrote {out}/ppl_vs_kv.{{json,md,png}})"
+    )
 
 
 if __name__ == "__main__":

@@ -372,8 +372,9 @@ def export_draft(model: Llama, directory: str | Path, tokenizer) -> Path:
 
 def plot_distillation(history: dict, path: str | Path, title: str) -> Path:
     """A PNG of a distillation run against tokens seen: the draft's next-token loss (train
-    windows, validation) beside the verifier's on validation, and KL(verifier || draft) on
-    the train windows with the final validation value."""
+    windows, validation) beside the verifier's on validation; KL(verifier || draft) on the
+    train windows with the final validation value; and, for a run with the attention loss,
+    that loss likewise."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -382,7 +383,13 @@ def plot_distillation(history: dict, path: str | Path, title: str) -> Path:
     per_step = history["train_config"]["batch_size"] * history["train_config"]["seq_len"]
     train_rows, eval_rows, final = history["train"], history["eval"], history["final"]
     seen = [r["step"] * per_step / 1e6 for r in train_rows]
-    fig, (lm_ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+    final_seen = final["steps"] * per_step / 1e6
+    kl_panels = [("kl", "kl_verifier_to_draft", "KL(verifier || draft) (nats)")]
+    if "attention_kl" in train_rows[0]:
+        kl_panels.append(("attention_kl", "attention_kl", "attention KL, verifier to draft (nats)"))
+    fig, axes = plt.subplots(1, 1 + len(kl_panels), figsize=(5.5 * (1 + len(kl_panels)), 4.2),
+                             dpi=120)  # fmt: skip
+    lm_ax = axes[0]
     lm_ax.plot(seen, [r["ce"] for r in train_rows], lw=1, alpha=0.6, label="draft, train")
     lm_ax.plot(
         [r["step"] * per_step / 1e6 for r in eval_rows],
@@ -393,14 +400,13 @@ def plot_distillation(history: dict, path: str | Path, title: str) -> Path:
     )
     lm_ax.axhline(final["verifier_val_loss"], color="black", ls="--", lw=1, label="verifier")
     lm_ax.set_ylabel("next-token loss (nats)")
-    kl_ax.plot(seen, [r["kl"] for r in train_rows], lw=1, label="train windows")
-    kl_ax.plot(
-        final["steps"] * per_step / 1e6, final["kl_verifier_to_draft"], "*", ms=12,
-        label=f"validation, final ({final['kl_verifier_to_draft']:.3f})",
-    )  # fmt: skip
-    kl_ax.set_ylabel("KL(verifier || draft) (nats)")
-    kl_ax.set_yscale("log")
-    for ax in (lm_ax, kl_ax):
+    for ax, (train_key, final_key, label) in zip(axes[1:], kl_panels, strict=True):
+        ax.plot(seen, [r[train_key] for r in train_rows], lw=1, label="train windows")
+        ax.plot(final_seen, final[final_key], "*", ms=12,
+                label=f"validation, final ({final[final_key]:.3f})")  # fmt: skip
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+    for ax in axes:
         ax.set_xlabel("tokens seen (millions)")
         ax.grid(alpha=0.3)
         ax.legend()

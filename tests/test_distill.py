@@ -222,8 +222,9 @@ def test_the_attention_loss_brings_the_draft_attention_to_the_verifier(runs):
     assert attention["kl_verifier_to_draft"] < 1.2 * distilled["kl_verifier_to_draft"]
 
 
-def test_the_run_plots_its_curves(runs, tmp_path):
-    path = plot_distillation(runs["distilled"]["history"], tmp_path / "curves.png", "a run")
+@pytest.mark.parametrize("name", ["distilled", "attention"])
+def test_the_run_plots_its_curves(runs, name, tmp_path):
+    path = plot_distillation(runs[name]["history"], tmp_path / "curves.png", "a run")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -15,7 +15,9 @@ from flax import nnx
 
 import pallas_kernels
 from specattn_jax.config import LlamaConfig
+from specattn_jax.errors import SpecAttnError
 from specattn_jax.eval import MethodFactory, PerplexityProtocol, decode_time_perplexity
+from specattn_jax.eval.report import merge_reports
 from specattn_jax.model import Llama
 from specattn_jax.selection import SelectionInputs
 from specattn_jax.selection.baselines import QUEST_PAGE
@@ -229,6 +231,78 @@ def test_sweep_runs_a_chosen_subset_of_methods():
     assert len(sweep.settings((0.9,), (0.5,), (0.2,))) == 6
     with pytest.raises(SystemExit):
         sweep.main(["--methods", "quest,nonsense"])
+
+
+def _report(rows: list[tuple[str, float | None, float]], **fields) -> dict:
+    """A sweep report as ppl_vs_kv.py writes it, with (method, value, perplexity) rows."""
+    protocol = {"caption": "c", "verifier": "v", "draft": "d", "window": 64, "prefix": 32}
+    protocol |= {"gamma": 4, "granularity": 1, "dense_layers": 2, "windows": 2, "device": "cpu"}
+    return {
+        **protocol,
+        "seconds": 1.0,
+        **fields,
+        "rows": [
+            {
+                "method": m,
+                "value": v,
+                "perplexity": ppl,
+                "kv_reduction": 0.0 if v is None else 1 - v,
+                "increase": ppl - rows[0][2],
+                "relative_increase": ppl / rows[0][2] - 1,
+            }
+            for m, v, ppl in rows
+        ],  # fmt: skip
+    }
+
+
+def test_split_sweeps_merge_into_one_report(tmp_path, capsys):
+    """Runs that split a sweep join in table order, dense once; runs of another protocol,
+    another dense result or a repeated setting are refused with one error."""
+    sweep = _benchmark_script("ppl_vs_kv")
+    first = _report([("dense", None, 10.0), ("quest", 0.3, 12.0), ("specattn", 0.9, 11.0)])
+    second = _report([("dense", None, 10.0), ("specattn", 0.8, 11.5), ("oracle", 0.9, 10.1)])
+    files = []
+    for index, report in enumerate((first, second)):
+        files.append(tmp_path / f"run{index}.json")
+        files[-1].write_text(json.dumps(report))
+    out = tmp_path / "merged"
+    assert sweep.main(["--merge", *map(str, files), "--out-dir", str(out)]) == 0
+    merged = json.loads((out / "ppl_vs_kv.json").read_text())
+    order = [(row["method"], row["value"]) for row in merged["rows"]]
+    assert order == [
+        ("dense", None), ("specattn", 0.8), ("specattn", 0.9), ("oracle", 0.9), ("quest", 0.3)
+    ]  # fmt: skip
+    assert merged["seconds"] == 2.0 and merged["window"] == 64
+    assert "| specattn (p=0.8) | 11.500 |" in (out / "ppl_vs_kv.md").read_text()
+
+    with pytest.raises(SpecAttnError, match="run 1 differs from run 0 in window"):
+        merge_reports([first, {**second, "window": 128}])
+    with pytest.raises(SpecAttnError, match="run 1 has another dense row"):
+        merge_reports([first, _report([("dense", None, 10.5), ("oracle", 0.9, 10.6)])])
+    with pytest.raises(SpecAttnError, match=r"once: \[\('quest', 0.3\), \('specattn', 0.9\)\]"):
+        merge_reports([first, first])
+
+
+def test_sweeps_are_drawn_side_by_side(tmp_path):
+    """--compare draws one panel per label; a panel joining two runs takes the second's
+    methods only where the first ran none."""
+    sweep = _benchmark_script("ppl_vs_kv")
+    draft_run = tmp_path / "draft.json"
+    draft_run.write_text(json.dumps(_report([("dense", None, 10.0), ("specattn", 0.9, 11.0)])))
+    baselines = tmp_path / "baselines.json"
+    baselines.write_text(
+        json.dumps(_report([("dense", None, 10.0), ("specattn", 0.8, 30.0), ("quest", 0.3, 12.0)]))
+    )
+    joined = sweep.panel_rows(f"{draft_run}+{baselines}")
+    assert [(row["method"], row["value"]) for row in joined] == [
+        ("dense", None), ("specattn", 0.9), ("quest", 0.3)
+    ]  # fmt: skip
+    plot = tmp_path / "pairs.png"
+    argv = ["--compare", f"one={draft_run}", f"joined={draft_run}+{baselines}", "--plot", str(plot)]
+    assert sweep.main(argv) == 0
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        sweep.main(["--compare", f"one={draft_run}"])
 
 
 def test_attention_recall_sets():

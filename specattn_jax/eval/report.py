@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from jax.sharding import Mesh
 
-from specattn_jax.eval.methods import MethodFactory
+from specattn_jax.errors import SpecAttnError
+from specattn_jax.eval.methods import METHODS, MethodFactory
 from specattn_jax.eval.perplexity import PerplexityProtocol, decode_time_perplexity
 
 
@@ -51,6 +52,40 @@ def compare_methods(
             }
         )
     return rows
+
+
+# What must agree between runs of one sweep (the caption names the layer map).
+PROTOCOL_FIELDS = (
+    "caption", "verifier", "draft", "window", "prefix", "gamma", "granularity",
+    "dense_layers", "windows",
+)  # fmt: skip
+
+
+def merge_reports(reports: Sequence[dict]) -> dict:
+    """One sweep report from runs that split its settings (`ppl_vs_kv.py --methods ...`):
+    the first run's fields, the seconds summed, dense once, then every run's other rows in
+    `METHODS` order, each method's by ascending p or budget.
+
+    The runs must share the protocol (`PROTOCOL_FIELDS`) and the same dense perplexity, to
+    the bit; no setting may appear twice. Otherwise one `SpecAttnError` names the problem.
+    """
+    first = reports[0]
+    for index, report in enumerate(reports[1:], start=1):
+        for field in PROTOCOL_FIELDS:
+            if report[field] != first[field]:
+                raise SpecAttnError(f"run {index} differs from run 0 in {field}")
+        if report["rows"][0] != first["rows"][0]:
+            raise SpecAttnError(f"run {index} has another dense row than run 0")
+    rows = sorted(
+        (row for report in reports for row in report["rows"][1:]),
+        key=lambda row: (METHODS.index(row["method"]), row["value"]),
+    )
+    rows = [first["rows"][0], *rows]
+    settings = [(row["method"], row["value"]) for row in rows]
+    repeated = sorted({s for s in settings if settings.count(s) > 1}, key=str)
+    if repeated:
+        raise SpecAttnError(f"settings run more than once: {repeated}")
+    return {**first, "seconds": sum(r["seconds"] for r in reports), "rows": rows}
 
 
 _KNOB = {"specattn": "p", "specattn_recent": "p", "oracle": "p"}
@@ -97,6 +132,48 @@ def plot_perplexity_vs_reduction(rows: Sequence[dict], path: str | Path, title: 
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_relative_increase(panels: dict[str, Sequence[dict]], path: str | Path) -> Path:
+    """Sweeps side by side on shared axes, one panel each (its title the dict key): the
+    relative perplexity increase (symmetric log scale) against measured KV reduction, one
+    curve per method, a method the same colour in every panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for rows in panels.values() for r in rows))
+    methods = [m for m in methods if m != "dense"]
+    colours = dict(zip(methods, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.6 * len(panels), 4.2), sharex=True, sharey=True, squeeze=False
+    )
+    for ax, (title, rows) in zip(axes[0], panels.items(), strict=True):
+        for method in methods:
+            points = sorted(
+                (r["kv_reduction"], 100 * r["relative_increase"])
+                for r in rows
+                if r["method"] == method
+            )
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", ms=4, color=colours[method],
+                        label=method)  # fmt: skip
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("measured KV reduction")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("perplexity increase over dense (%)")
+    handles = {}
+    for ax in axes[0]:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    fig.legend(handles.values(), handles.keys(), loc="upper left", fontsize=8,
+               bbox_to_anchor=(0.06, 0.9))  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
