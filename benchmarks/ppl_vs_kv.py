@@ -2,7 +2,8 @@
 StreamingLLM on the same models, windows, protocol and attention path.
 
 Writes `ppl_vs_kv.json` (every row), `ppl_vs_kv.md` (the paper's table) and
-`ppl_vs_kv.png` (one curve per method) into --out-dir.
+`ppl_vs_kv.png` (one curve per method) into --out-dir. While it runs, the rows so far are in
+`ppl_vs_kv.partial.json` (a run cut short keeps them; `--merge` takes that file too).
 
     python benchmarks/ppl_vs_kv.py --out-dir benchmarks/results
     python benchmarks/ppl_vs_kv.py --quick ...   # a short excerpt, seconds (CI)
@@ -66,6 +67,12 @@ def main(argv=None) -> int:
     parser.add_argument("--draft", default="bundled:draft")
     parser.add_argument("--data-dir", help="corpus folder (default ../shared/data/gutenberg)")
     parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument(
+        "--split",
+        choices=("test", "validation"),
+        default="test",
+        help="the books scored: tune settings on validation, report them on test",
+    )
     parser.add_argument("--window", type=int, default=2048)
     parser.add_argument("--prefix", type=int, default=1024)
     parser.add_argument("--gamma", type=int, default=4)
@@ -122,7 +129,7 @@ def main(argv=None) -> int:
     verifier, tokenizer = load_pretrained(args.verifier, jnp.float32)
     draft, _ = load_pretrained(args.draft, jnp.float32)
     windows = make_windows(
-        tokenizer, load_split_texts("test", args.data_dir), args.window, args.num_windows
+        tokenizer, load_split_texts(args.split, args.data_dir), args.window, args.num_windows
     )
     calibration = make_windows(
         tokenizer, load_split_texts("validation", args.data_dir), min(args.window, 1024), 8
@@ -145,17 +152,9 @@ def main(argv=None) -> int:
     protocol = PerplexityProtocol(
         window=args.window, prefix=args.prefix, gamma=args.gamma, batch_size=args.batch_size
     )
-    start = time.perf_counter()
-    rows = compare_methods(
-        factory,
-        windows,
-        protocol,
-        settings(p_values, recent_p_values, budgets, methods),
-        progress=True,
-    )
-    seconds = time.perf_counter() - start
     caption = (
-        f"Decode-time perplexity on {len(windows)} test-split windows of {args.window} tokens "
+        f"Decode-time perplexity on {len(windows)} {args.split}-split windows of {args.window} "
+        f"tokens "
         f"({args.prefix} prefilled densely, {protocol.scored_tokens} scored per window), "
         f"gamma {args.gamma}, granularity {args.granularity} (Quest: pages of 16), first "
         f"{args.dense_layers} verifier layers dense; KV reduction measured from the entries "
@@ -166,18 +165,38 @@ def main(argv=None) -> int:
     report = {
         "caption": caption,
         "device": str(jax.devices()[0].device_kind),
-        "seconds": seconds,
+        "seconds": 0.0,
         "verifier": args.verifier,
         "draft": args.draft,
+        "split": args.split,
         "window": args.window,
         "prefix": args.prefix,
         "gamma": args.gamma,
         "granularity": args.granularity,
         "dense_layers": args.dense_layers,
         "windows": len(windows),
-        "rows": rows,
+        "rows": [],
     }
-    write_report(report, args.out_dir)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "ppl_vs_kv.partial.json"
+    start = time.perf_counter()
+
+    def keep(rows: list[dict]) -> None:
+        report.update(rows=rows, seconds=time.perf_counter() - start)
+        partial.write_text(json.dumps(report, indent=2) + "\n")
+
+    rows = compare_methods(
+        factory,
+        windows,
+        protocol,
+        settings(p_values, recent_p_values, budgets, methods),
+        progress=True,
+        on_row=keep,
+    )
+    report.update(rows=rows, seconds=time.perf_counter() - start)
+    write_report(report, out)
+    partial.unlink()
     return 0
 
 

@@ -213,6 +213,45 @@ def test_sweep_runs_end_to_end(tmp_path):
             assert row["kv_reduction"] > 0
     assert "| specattn (p=0.9) |" in (tmp_path / "ppl_vs_kv.md").read_text()
     assert (tmp_path / "ppl_vs_kv.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "ppl_vs_kv.partial.json").exists()
+
+
+def test_a_sweep_scores_the_split_it_is_given(monkeypatch):
+    """--split validation scores validation books (for tuning); test is the default."""
+    sweep = _benchmark_script("ppl_vs_kv")
+
+    class Loaded(Exception):
+        pass
+
+    def load_split_texts(split, data_dir):
+        raise Loaded(split)
+
+    monkeypatch.setattr(sweep, "load_split_texts", load_split_texts)
+    for argv, split in (([], "test"), (["--split", "validation"], "validation")):
+        with pytest.raises(Loaded, match=split):
+            sweep.main(["--quick", *argv])
+
+
+def test_a_sweep_hands_over_its_rows_as_it_goes(monkeypatch):
+    """`on_row` sees every row as soon as it is measured, so a run cut short keeps them."""
+    import specattn_jax.eval.report as report
+
+    perplexities = iter([10.0, 12.0, 11.0])
+    monkeypatch.setattr(
+        report,
+        "decode_time_perplexity",
+        lambda *args, **kwargs: {"perplexity": next(perplexities), "kv_reduction": 0.5},
+    )
+    factory = type("Factory", (), {"draft": None, "verifier": None})()
+    factory.selector = lambda method, value: None
+    seen = []
+    rows = report.compare_methods(
+        factory, None, None, [("quest", 0.3), ("oracle", 0.9)], on_row=seen.append
+    )
+    assert [[row["method"] for row in rows_so_far] for rows_so_far in seen] == [
+        ["dense"], ["dense", "quest"], ["dense", "quest", "oracle"]
+    ]  # fmt: skip
+    assert seen[-1] == rows and rows[1]["relative_increase"] == pytest.approx(0.2)
 
 
 def _benchmark_script(name: str):

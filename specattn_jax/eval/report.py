@@ -3,7 +3,7 @@ plot of perplexity against measured KV reduction."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +23,12 @@ def compare_methods(
     backend: str = "auto",
     mesh: Mesh | None = None,
     progress: bool = False,
+    on_row: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Runs dense first, then each (method, value); every row carries the perplexity
     increase over dense (absolute and relative) and the measured KV reduction. `mesh` as
-    `decode_time_perplexity`'s."""
+    `decode_time_perplexity`'s. `on_row`, if given, is called with the rows so far after each
+    row (to keep what a run cut short has measured)."""
     rows = []
     dense = None
     for method, value in [("dense", None), *[s for s in settings if s[0] != "dense"]]:
@@ -51,6 +53,8 @@ def compare_methods(
                 "relative_increase": result["perplexity"] / dense["perplexity"] - 1,
             }
         )
+        if on_row is not None:
+            on_row(list(rows))
     return rows
 
 
