@@ -22,12 +22,14 @@ draft layers it picks. Prints a table per p and writes every number to JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from specattn_jax import LayerMap, load_pair
 from specattn_jax.data import load_split_texts
@@ -37,12 +39,19 @@ from specattn_jax.progress import progress_bar
 
 def head_mean_attention(model, tokens: np.ndarray, queries: int) -> np.ndarray:
     """f32[L, Q, S]: each layer's head-mean attention of the last `queries` tokens of
-    `tokens` (i32[S]) over the whole sequence."""
-    size = len(tokens)
-    cache = model.init_cache(1, size)
-    _, cache, _ = model(jnp.asarray(tokens[None, : size - queries]), cache)
-    _, _, info = model(jnp.asarray(tokens[None, size - queries :]), cache, return_attention=True)
-    return np.asarray(info.attention[:, 0], np.float32)
+    `tokens` (i32[S]) over the whole sequence (one compiled program per model and shape)."""
+    graphdef, state = nnx.split(model)
+    attention = _head_mean_attention(graphdef, state, jnp.asarray(tokens[None]), queries)
+    return np.asarray(attention, np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "queries"))
+def _head_mean_attention(graphdef, state, tokens, queries):  # tokens: i32[1, S]
+    model = nnx.merge(graphdef, state)
+    size = tokens.shape[1]
+    _, cache, _ = model(tokens[:, : size - queries], model.init_cache(1, size))
+    _, _, info = model(tokens[:, size - queries :], cache, return_attention=True)
+    return info.attention[:, 0]
 
 
 def descending_ranks(scores: np.ndarray) -> np.ndarray:
