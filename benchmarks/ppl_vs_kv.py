@@ -28,6 +28,8 @@ import jax.numpy as jnp
 
 from specattn_jax.data import load_split_texts
 from specattn_jax.eval import MethodFactory, PerplexityProtocol, make_windows
+from specattn_jax.eval.methods import BUDGET_METHODS
+from specattn_jax.eval.methods import METHODS as ALL_METHODS
 from specattn_jax.eval.report import (
     compare_methods,
     markdown_table,
@@ -43,7 +45,8 @@ RECENT_P_VALUES = (0.5, 0.6, 0.7, 0.8, 0.9)
 BUDGETS = (0.1, 0.2, 0.3, 0.5)
 
 
-METHODS = ("specattn", "specattn_recent", "oracle", "quest", "double_sparsity", "streaming_llm")
+# The sparse methods (dense runs first in every sweep).
+METHODS = tuple(m for m in ALL_METHODS if m != "dense")
 
 
 def settings(p_values, recent_p_values, budgets, methods=METHODS) -> list[tuple[str, float]]:
@@ -52,7 +55,7 @@ def settings(p_values, recent_p_values, budgets, methods=METHODS) -> list[tuple[
         [("specattn", p) for p in p_values]
         + [("specattn_recent", p) for p in recent_p_values]
         + [("oracle", p) for p in p_values]
-        + [(m, b) for m in ("quest", "double_sparsity", "streaming_llm") for b in budgets]
+        + [(m, b) for m in BUDGET_METHODS for b in budgets]
     )
     return [row for row in rows if row[0] in methods]
 
@@ -153,9 +156,9 @@ def main(argv=None) -> int:
         window=args.window, prefix=args.prefix, gamma=args.gamma, batch_size=args.batch_size
     )
     caption = (
-        f"Decode-time perplexity on {len(windows)} {args.split}-split windows of {args.window} "
-        f"tokens "
-        f"({args.prefix} prefilled densely, {protocol.scored_tokens} scored per window), "
+        f"Decode-time perplexity on {len(windows)} {args.split}-split windows of "
+        f"{args.window} tokens ({args.prefix} prefilled densely, {protocol.scored_tokens} "
+        f"scored per window), "
         f"gamma {args.gamma}, granularity {args.granularity} (Quest: pages of 16), first "
         f"{args.dense_layers} verifier layers dense; KV reduction measured from the entries "
         f"read. specattn_recent also reads 4 sink and the {args.recent_window} most recent "

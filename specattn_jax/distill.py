@@ -152,7 +152,9 @@ def validation_attention_kl(
 
     def queries_and_keys(graphdef, state, tokens):
         model = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(jnp.float32), state))
-        _, _, info = model(tokens[:, :-1], return_queries=True, return_keys=True)
+        _, _, info = model(
+            tokens[:, :-1], return_queries=True, return_keys=True, last_logits_only=True
+        )  # only the queries and keys are read: skip the [B, T, V] logits
         return info.queries, info.keys
 
     @jax.jit
