@@ -11,19 +11,21 @@ Sections (`--sections`, each a table and a JSON part):
   prefill  time to first token: `generate`'s own prefill-and-first-token program, whole or in
            chunks, against `LlamaForCausalLM` (sdpa) on the same prompt, and peak memory;
   decode   autoregressive decoding of `--new-tokens` tokens after the prefill, one jitted
-           `generate` call (wall clock, prefill subtracted), against its byte limit (weights
-           plus live KV per token over copy bandwidth) and HF's `generate` with a static cache;
+           `generate` call, timed per token as the whole call less the same stopped at half
+           the tokens, against its byte limit (weights plus live KV per token over copy
+           bandwidth) and HF's `generate` with a static cache, timed the same way;
   speculative  autoregressive, dense speculative and SpecAttn decoding end to end (one jitted
            `generate` each; both pairs at batch 1, the 7B pair also in a ragged batch of
            4), their step times, peak memory and the split of a step (draft, select,
-           verify, accept, each timed alone after the same prefill), and tokens/s derived
-           at the bundled pair's measured tokens/step, SpecAttn at a p that keeps the
-           fraction of the context it kept there;
+           verify, accept, each timed alone where `generate` ended), and tokens/s derived
+           at each measured pair's tokens/step (`--tokens-per-step-from`: the bundled pair,
+           a real pair), SpecAttn at a p that keeps the fraction of the context it kept
+           there;
   matmul   the projections of one layer at M = 1..9 rows, as three (q, k, v) or two (gate,
            up) matmuls and as one fused matmul, against their bytes at copy bandwidth.
 
     python benchmarks/bench_longctx.py --out longctx.json
-        [--sections prefill,decode,speculative,matmul] [--tokens-per-step-from bench.json]
+        [--sections prefill,decode,speculative,matmul] [--tokens-per-step-from F.json ...]
         [--contexts 4096,16384,32768] [--gqa-contexts 131072] [--spec-contexts 32768]
         [--gqa-spec-contexts 32768,131072] [--budget SECONDS] [--tiny]
 """
@@ -103,10 +105,12 @@ def prompt_ids(length: int, data_dir: str | None, vocab_size: int) -> list[int]:
     return [i % vocab_size for i in ids[:length]]
 
 
-def wall_median(fn, *, repeats: int, prepare=tuple) -> float:
+def wall_median(fn, *, repeats: int, prepare=tuple, warm_up: bool = True) -> float:
     """Median wall seconds of `fn(*prepare())` (which blocks until its result is ready),
-    after a warm-up call that compiles; `prepare` (untimed) makes fresh arguments each call."""
-    fn(*prepare())
+    after a warm-up call that compiles (unless `warm_up` is False: compiled already);
+    `prepare` (untimed) makes fresh arguments each call."""
+    if warm_up:
+        fn(*prepare())
     times = []
     for _ in range(repeats):
         args = prepare()
@@ -234,39 +238,44 @@ def byte_limit_s(config: LlamaConfig, context: int, bandwidth: float) -> float:
 
 def time_generate(draft, verifier, prompts, config, new_tokens: int, repeats: int) -> dict:
     """Wall seconds of one jitted `generate` (prefill, then `new_tokens` greedy tokens per
-    prompt, no EOS) and of its prefill-and-first-token program alone; their difference over
-    the loop's steps is the time of a step. With the run's statistics."""
+    prompt, no EOS), and of the same compiled program stopped at half the tokens (a smaller
+    token budget, which is traced); their difference over the steps between them is the
+    time of a step, with the prefill and the program's fixed costs cancelled. With the run's
+    statistics, its final state and its `_Run` (`"state"`, `"run"`: the caller pops them; the
+    run's caches are spent)."""
     last = {}
 
-    def setup():
-        return (_setup(draft, verifier, prompts, config, new_tokens, *[None] * 5),)
+    def setup(budget: int = new_tokens):
+        run = _setup(draft, verifier, prompts, config, new_tokens, *[None] * 5)
+        return (dataclasses.replace(run, budgets=jnp.full_like(run.budgets, budget)),)
 
     def whole(run):
         state = _generate(*run.prefill_args, run.selector)
         jax.block_until_ready(state.progress.output)
         last.update(state=state, run=run)
 
-    def first(run):
-        jax.block_until_ready(_jit_prefill(*run.prefill_args).progress.output)
-
-    total = wall_median(whole, repeats=repeats, prepare=setup)
-    prefill = wall_median(first, repeats=repeats, prepare=setup)
+    half = wall_median(whole, repeats=repeats, prepare=lambda: setup(new_tokens // 2))
+    half_steps = int(last["state"].step)
+    total = wall_median(whole, repeats=repeats, prepare=setup, warm_up=False)
     stats = spec_stats(last["state"], **last["run"].stats_context)
     assert stats["tokens"] == new_tokens * len(prompts), stats["tokens"]
     return {
         "generate_s": total,
-        "prefill_s": prefill,
+        "half_generate_s": half,
         "steps": stats["steps"],
-        "step_ms": 1e3 * (total - prefill) / stats["steps"],
+        "step_ms": 1e3 * (total - half) / (stats["steps"] - half_steps),
         "tokens_per_s_wall": stats["tokens"] / total,
         "tokens_per_step": stats["tokens_per_step"],
         "kv_reduction": stats["kv_reduction"],
+        "state": last["state"],
+        "run": last["run"],
     }
 
 
 def hf_decode(model, prompt, new_tokens: int) -> dict:
-    """HF `generate` with a static cache, greedy, exactly `new_tokens` tokens: wall seconds
-    of the call and of a one-token call (its prefill); the difference per token."""
+    """HF `generate` with a static cache, greedy, exactly `new_tokens` tokens, against the
+    same stopped at half the tokens: wall seconds of both, and the difference per token (as
+    `time_generate` times ours)."""
     import torch
 
     ids = torch.tensor([prompt], device="cuda")
@@ -280,18 +289,17 @@ def hf_decode(model, prompt, new_tokens: int) -> dict:
         torch.cuda.synchronize()
         return out
 
-    run(new_tokens)  # warm-up (and compile, where transformers compiles a static cache)
-    start = time.perf_counter()
-    run(new_tokens)
-    total = time.perf_counter() - start
-    run(1)
-    start = time.perf_counter()
-    run(1)
-    first = time.perf_counter() - start
+    def timed(count):
+        run(count)  # warm-up (and compile, where transformers compiles a static cache)
+        start = time.perf_counter()
+        run(count)
+        return time.perf_counter() - start
+
+    total, half = timed(new_tokens), timed(new_tokens // 2)
     return {
         "hf_generate_s": total,
-        "hf_prefill_s": first,
-        "hf_decode_ms_per_token": 1e3 * (total - first) / (new_tokens - 1),
+        "hf_half_generate_s": half,
+        "hf_decode_ms_per_token": 1e3 * (total - half) / (new_tokens - new_tokens // 2),
     }
 
 
@@ -307,11 +315,14 @@ def bench_decode(args, budget: Budget, report: dict, save) -> None:
         row = {"shape": "llama2-7b", "context": context, "new_tokens": args.new_tokens}
         model = random_model(config, 0)
         try:
-            row.update(
-                time_generate(None, model, [prompt], SpecConfig(), args.new_tokens, args.repeats)
+            timing = time_generate(
+                None, model, [prompt], SpecConfig(), args.new_tokens, args.repeats
             )
+            del timing["state"], timing["run"]
+            row.update(timing)
             row["decode_ms_per_token"] = row["step_ms"]
-            limit = byte_limit_s(config, context + args.new_tokens // 2, bandwidth)
+            # The timed steps are the second half: their mean context.
+            limit = byte_limit_s(config, context + 3 * args.new_tokens // 4, bandwidth)
             row["byte_limit_ms"] = 1e3 * limit
             row["fraction_of_byte_limit"] = limit / (row["decode_ms_per_token"] / 1e3)
         except Exception as error:  # noqa: BLE001
@@ -383,12 +394,12 @@ def _accept_part(rule, drafts, key, state):
     return logits, rule.accept(drafts.tokens, drafts.logits, logits, key)
 
 
-def step_split(run, calls: int) -> dict:
-    """Milliseconds of a speculative step's parts after a real prefill of `run`'s prompts:
-    draft (with the summaries its selector uses), select, verify (through the plan) and
-    accept, each `calls` times in one device loop (`_timing.threaded_loop_time`). Their sum
-    leaves out the step's bookkeeping, which `generate` fuses with them."""
-    state = _jit_prefill(*run.prefill_args)
+def step_split(run, state, calls: int) -> dict:
+    """Milliseconds of a speculative step's parts from `state`, where `generate` of `run`'s
+    prompts ended (a real prefill, then the decoded tokens): draft (with the summaries its
+    selector uses), select, verify (through the plan) and accept, each `calls` times in one
+    device loop (`_timing.threaded_loop_time`). Their sum leaves out the step's bookkeeping,
+    which `generate` fuses with them."""
     decoder, params, rule, selector = run.decoder, run.params, run.rule, run.selector
     layers = () if selector is None else selector.draft_layers
     last_two, seq_lengths, key = state.last_two, state.seq_lengths, state.key
@@ -420,7 +431,7 @@ def step_split(run, calls: int) -> dict:
     return times
 
 
-def _specattn_config(verifier, draft, attn_p: float, gamma: int, granularity: int):
+def _specattn_config(verifier, draft, *, attn_p: float, gamma: int, granularity: int):
     """SpecAttn at top-p `attn_p` on the mean of the gamma draft rows, verifier layer j
     mapped to draft layer j * L_draft // L (the layer map of evenly spread layers)."""
     num_layers = verifier.config.num_hidden_layers
@@ -434,27 +445,79 @@ def _specattn_config(verifier, draft, attn_p: float, gamma: int, granularity: in
     return SpecConfig(gamma=gamma, selector=selector, granularity=granularity)
 
 
+def tokens_per_step_source(path: str) -> dict:
+    """A measured pair's tokens/step per decoder and SpecAttn's kept fraction, from a
+    `bench_generate.py` JSON (the bundled pair) or a `draft_acceptance.py` JSON with SpecAttn
+    rows (a real pair: dense rows greedy, SpecAttn the row of the smallest p)."""
+    data = json.loads(Path(path).read_text())
+    if "bundled" in data:
+        rows = data["bundled"]["rows"]
+        return {
+            "label": "bundled pair",
+            "file": path,
+            "context": data["bundled"]["prompt_len"],
+            "tokens_per_step": {name: row["tokens_per_step"] for name, row in rows.items()},
+            "kept": 1 - rows["specattn"]["kv_reduction"],
+        }
+    sparse = [row for row in data["rows"] if row.get("attn_p")]
+    if not sparse:
+        raise SystemExit(f"{path}: no SpecAttn row (run draft_acceptance.py with --attn-p)")
+    specattn = min(sparse, key=lambda row: row["attn_p"])
+    greedy = next(row for row in data["rows"] if row["setting"] == "greedy")
+    return {
+        "label": "real pair",
+        "file": path,
+        "context": data["prompt_tokens"],
+        "attn_p_there": specattn["attn_p"],
+        "tokens_per_step": {
+            "autoregressive": 1.0,
+            "speculative": greedy["tokens_per_step"],
+            "specattn": specattn["tokens_per_step"],
+        },
+        "kept": 1 - specattn["kv_reduction"],
+    }
+
+
+def speculative_decoders(args, draft, verifier, sources: list[dict]) -> dict:
+    """Decoder name -> (draft or None, config, the source its derived tokens/s come from, or
+    None for every source).
+
+    A random draft attends almost uniformly. Its gamma queries pick nearly disjoint top-p
+    sets, whose union (the paper's rule) is the whole context, so SpecAttn here selects on
+    the mean of the gamma rows (`aggregate="mean"`, the same work): top-p then keeps about p
+    of the positions, and p is set to the fraction a source's SpecAttn kept (one
+    granularity-1 row per source). The kept positions are scattered, so at granularity 16
+    nearly every block holds one and the read is dense: that row is SpecAttn's whole cost at
+    a dense read. Each row reports the reduction it measured.
+    """
+    specattn = functools.partial(_specattn_config, verifier, draft, gamma=args.gamma)
+    decoders = {  # most telling first: a run out of time loses the last
+        "autoregressive": (None, SpecConfig(), None),
+        "speculative": (draft, SpecConfig(gamma=args.gamma), None),
+    }
+    if not sources or args.attn_p:
+        attn_p = args.attn_p or 0.97
+        decoders["specattn_g1"] = (draft, specattn(attn_p=attn_p, granularity=1), None)
+        if args.specattn_g16:
+            decoders["specattn_g16"] = (draft, specattn(attn_p=attn_p, granularity=16), None)
+        return decoders
+    for source in sources:
+        config = specattn(attn_p=source["kept"], granularity=1)
+        decoders[f"specattn_g1 ({source['label']})"] = (draft, config, source)
+    if args.specattn_g16:
+        config = specattn(attn_p=sources[0]["kept"], granularity=16)
+        decoders[f"specattn_g16 ({sources[0]['label']})"] = (draft, config, sources[0])
+    return decoders
+
+
 def bench_speculative(args, budget: Budget, report: dict, save) -> None:
     """Autoregressive, dense speculative and SpecAttn decoding of the same prompts, one
     jitted `generate` each, for both pairs of shapes. Random weights accept almost nothing,
     so a decoder's measured step time is what it costs; tokens/s at real acceptance is
-    derived from `--tokens-per-step-from` (a bench_generate.py JSON)."""
+    derived from the pairs of `--tokens-per-step-from` (`tokens_per_step_source`)."""
     rows = report.setdefault("speculative", [])
-    measured, reduction = {}, None
-    if args.tokens_per_step_from:
-        bundled = json.loads(Path(args.tokens_per_step_from).read_text())["bundled"]["rows"]
-        measured = {name: row["tokens_per_step"] for name, row in bundled.items()}
-        reduction = bundled["specattn"]["kv_reduction"]
-    # A random draft attends almost uniformly. Its gamma queries pick nearly disjoint top-p
-    # sets, whose union (the paper's rule) is the whole context, so this run selects on the
-    # mean of the gamma rows (`aggregate="mean"`, the same work): top-p then keeps about p of
-    # the positions, and by default p keeps what SpecAttn kept on the bundled pair. The kept
-    # positions are scattered, so at granularity 16 nearly every block holds one and the read
-    # is dense: that row is SpecAttn's whole cost at a dense read; the granularity-1 row reads
-    # about p of the context. Each row reports the reduction it measured.
-    attn_p = args.attn_p or (1 - reduction if reduction is not None else 0.97)
-    report["speculative_attn_p"] = attn_p
-    report["speculative_tokens_per_step"] = measured
+    sources = [tokens_per_step_source(path) for path in args.tokens_per_step_from]
+    report["speculative_sources"] = sources
     cases = [("llama2-7b", context, [context]) for context in args.spec_contexts]
     if args.ragged_batch:
         cases.append(("llama2-7b", max(args.ragged_batch), args.ragged_batch))
@@ -466,39 +529,35 @@ def bench_speculative(args, budget: Budget, report: dict, save) -> None:
             verifier_config, draft_config = (args.shape(c) for c in PAIRS[shape])
             models[shape] = (random_model(verifier_config, 0), random_model(draft_config, 1))
         verifier, draft = models[shape]
-        specattn = functools.partial(_specattn_config, verifier, draft, attn_p, args.gamma)
-        decoders = {  # most telling first: a run out of time loses the last
-            "autoregressive": (None, SpecConfig()),
-            "speculative": (draft, SpecConfig(gamma=args.gamma)),
-            "specattn_g1": (draft, specattn(1)),
-            "specattn": (draft, specattn(16)),
-        }
         prompts = [prompt_ids(n, args.data_dir, verifier.config.vocab_size) for n in lengths]
         # Whole prompts: past the first chunk, chunked prefill reads the cache through the
         # blockwise jnp path, 57 s for 128K tokens of the 8B shape against 11 s whole on
         # an H200 (2026-12-02).
         long_prompt = max(lengths) > 32768
         repeats = 1 if long_prompt else args.repeats
-        for name, (draft_model, config) in decoders.items():
+        decoders = speculative_decoders(args, draft, verifier, sources)
+        for name, (draft_model, config, source) in decoders.items():
             row = {"shape": shape, "decoder": name, "context": context, "prompt_lengths": lengths}
             if budget.left() < (150 if long_prompt else 90):
                 rows.append({**row, "skipped": "time"})
                 continue
             try:
-                row.update(
-                    time_generate(draft_model, verifier, prompts, config, args.new_tokens, repeats)
+                timing = time_generate(
+                    draft_model, verifier, prompts, config, args.new_tokens, repeats
                 )
+                state, run = timing.pop("state"), timing.pop("run")
+                row.update(timing)
                 row["jax_peak_gb_so_far"] = peak_gb()
-                source = name.removesuffix("_g1")
-                if source in measured:
-                    row["derived_tokens_per_s"] = (
-                        len(prompts) * measured[source] / (row["step_ms"] / 1e3)
-                    )
+                family = name.split("_g")[0]
+                row["derived_tokens_per_s"] = {
+                    other["label"]: len(prompts) * other["tokens_per_step"][family]
+                    / (row["step_ms"] / 1e3)
+                    for other in sources
+                    if source is None or other is source
+                }  # fmt: skip
                 if draft_model is not None and args.split_calls:
-                    run = _setup(
-                        draft_model, verifier, prompts, config, args.new_tokens, *[None] * 5
-                    )
-                    row["split"] = step_split(run, args.split_calls)
+                    row["split"] = step_split(run, state, args.split_calls)
+                del state, run
             except Exception as error:  # noqa: BLE001
                 row["error"] = f"{type(error).__name__}: {error}"[:400]
             rows.append(row)
@@ -580,7 +639,8 @@ def print_tables(report: dict) -> None:
         )
     if report.get("decode"):
         _table(
-            "Autoregressive decode, Llama-2-7B shape, ms per token (prefill subtracted)",
+            "Autoregressive decode, Llama-2-7B shape, ms per token (the second half of the "
+            "tokens: a whole generate less one stopped at half)",
             ["context", "ours", "byte limit", "fraction", "HF static cache"],
             [
                 [str(r["context"]), _fmt(r.get("decode_ms_per_token"), 2),
@@ -591,14 +651,14 @@ def print_tables(report: dict) -> None:
         )  # fmt: skip
     if report.get("speculative"):
         _table(
-            "Decoders end to end, random weights (derived tokens/s: this step time at the "
-            "bundled pair's tokens/step); split: draft / select / verify / accept ms",
+            "Decoders end to end, random weights (derived tokens/s: this step time at a "
+            "measured pair's tokens/step, DERIVED); split: draft / select / verify / accept ms",
             ["verifier", "prompts", "decoder", "step ms", "wall tok/s", "derived tok/s",
              "KV reduction", "peak GB", "split"],
             [
                 [r["shape"], ",".join(map(str, r["prompt_lengths"])), r["decoder"],
                  _fmt(r.get("step_ms"), 2), _fmt(r.get("tokens_per_s_wall"), 1),
-                 _fmt(r.get("derived_tokens_per_s"), 1), _fmt(r.get("kv_reduction")),
+                 _derived(r.get("derived_tokens_per_s")), _fmt(r.get("kv_reduction")),
                  _fmt(r.get("jax_peak_gb_so_far"), 1), _split(r.get("split"))]
                 for r in report["speculative"]
             ],
@@ -615,6 +675,12 @@ def print_tables(report: dict) -> None:
                 for r in report["matmul"]
             ],
         )  # fmt: skip
+
+
+def _derived(derived: dict | None) -> str:
+    if not derived:
+        return "-"
+    return "; ".join(f"{label} {value:.1f}" for label, value in derived.items())
 
 
 def _split(split: dict | None) -> str:
@@ -658,11 +724,18 @@ def main(argv=None) -> int:
     parser.add_argument("--gamma", type=int, default=4)
     parser.add_argument(
         "--attn-p", type=float,
-        help="SpecAttn's p (default: 1 - the bundled pair's KV reduction, else 0.97)",
+        help="SpecAttn's p (default: the kept fraction of each --tokens-per-step-from pair, "
+        "else 0.97)",
     )  # fmt: skip
     parser.add_argument(
-        "--tokens-per-step-from", help="bench_generate.py JSON: tokens/step of the bundled pair"
-    )
+        "--tokens-per-step-from", action="append", default=[],
+        help="a bench_generate.py JSON (the bundled pair) or a draft_acceptance.py JSON with "
+        "SpecAttn rows (a real pair); repeatable",
+    )  # fmt: skip
+    parser.add_argument(
+        "--specattn-g16", action=argparse.BooleanOptionalAction, default=True,
+        help="also run SpecAttn at granularity 16 (with a random draft, a dense read)",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for the run")
     parser.add_argument(
