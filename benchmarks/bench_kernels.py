@@ -194,11 +194,12 @@ class Bench:
 
     # -- implementations ---------------------------------------------------------------------
 
-    def ours(self, granularity, block_sizes=None):
+    def ours(self, granularity, block_sizes=None, contiguous=False):
         return functools.partial(
             pk.sparse_verify_attention,
             granularity=granularity,
             block_sizes=block_sizes,
+            contiguous=contiguous,
             interpret=self.interpret,
         )
 
@@ -273,23 +274,27 @@ class Bench:
                 )
                 indices, counts = pk.dense_block_list(lengths, seq_len, 16)
                 bytes_read = self.kv_bytes(shape, seq_len)
-                try:
-                    t = self.time_jax(
-                        self.ours(16, cfg), [(q, *kv[0], indices, counts, lengths)], bytes_read
+                for contiguous in (True, False):  # rows in order, or ids looked up
+                    try:
+                        t = self.time_jax(
+                            self.ours(16, cfg, contiguous),
+                            [(q, *kv[0], indices, counts, lengths)],
+                            bytes_read,
+                        )
+                    except Exception as e:  # noqa: BLE001
+                        self.fail(f"sweep {shape.name()} {cfg} {contiguous=}", e)
+                        continue
+                    config = {**dataclasses.asdict(cfg), "contiguous": contiguous}
+                    self.record(
+                        section="sweep",
+                        shape=shape.name(),
+                        impl="dense_kernel",
+                        config=config,
+                        bytes=bytes_read,
+                        **t,
                     )
-                except Exception as e:  # noqa: BLE001
-                    self.fail(f"sweep {shape.name()} {cfg}", e)
-                    continue
-                self.record(
-                    section="sweep",
-                    shape=shape.name(),
-                    impl="dense_kernel",
-                    config=dataclasses.asdict(cfg),
-                    bytes=bytes_read,
-                    **t,
-                )
-                if best is None or t["median_s"] < best[1]:
-                    best = (dataclasses.asdict(cfg), t["median_s"])
+                    if best is None or t["median_s"] < best[1]:
+                        best = (config, t["median_s"])
             self.log(f"sweep best {shape.name()}: {best}")
 
     def attention_shape(self, shape: Shape, kept_list, granularities, peers=True):
@@ -305,25 +310,27 @@ class Bench:
         def sets_for(bytes_read):
             return kv[: self.num_sets(bytes_read, dense_bytes)]
 
-        # Dense kernel (all blocks at g = 16).
-        if self.over_budget():
-            return
-        try:
-            indices, counts = pk.dense_block_list(lengths, seq_len, 16)
-            arg_sets = [(q, k, v, indices, counts, lengths) for k, v in sets_for(dense_bytes)]
-            t = self.time_jax(self.ours(16), arg_sets, dense_bytes)
-            self.record(
-                section="attention",
-                shape=name,
-                impl="dense_kernel",
-                kept=1.0,
-                granularity=16,
-                bytes=dense_bytes,
-                sets=len(arg_sets),
-                **t,
-            )
-        except Exception as e:  # noqa: BLE001
-            self.fail(f"dense_kernel {name}", e)
+        # Dense kernel (all blocks at g = 16): rows read in order (what the model runs), and
+        # the same list read through its ids.
+        indices, counts = pk.dense_block_list(lengths, seq_len, 16)
+        arg_sets = [(q, k, v, indices, counts, lengths) for k, v in sets_for(dense_bytes)]
+        for impl, contiguous in (("dense_kernel", True), ("dense_kernel_lookup", False)):
+            if self.over_budget():
+                return
+            try:
+                t = self.time_jax(self.ours(16, contiguous=contiguous), arg_sets, dense_bytes)
+                self.record(
+                    section="attention",
+                    shape=name,
+                    impl=impl,
+                    kept=1.0,
+                    granularity=16,
+                    bytes=dense_bytes,
+                    sets=len(arg_sets),
+                    **t,
+                )
+            except Exception as e:  # noqa: BLE001
+                self.fail(f"{impl} {name}", e)
 
         for granularity in granularities:
             for kept in kept_list:
@@ -633,9 +640,7 @@ class Bench:
             f"{'TB/s':>6s} {'copy%':>6s} {'vs best dense peer':>18s}"
         )
         for shape, recs in by_shape.items():
-            peers = [
-                r["median_s"] for r in recs if r["impl"] not in ("dense_kernel", "sparse_kernel")
-            ]
+            peers = [r["median_s"] for r in recs if r["impl"] not in OUR_KERNELS]
             best_peer = min(peers) if peers else None
             for r in recs:
                 speed = f"{best_peer / r['median_s']:.2f}x" if best_peer else ""
@@ -665,9 +670,7 @@ class Bench:
         for r in att:
             by_shape.setdefault(r["shape"], []).append(r)
         for shape, recs in by_shape.items():
-            peers = [
-                r["median_s"] for r in recs if r["impl"] not in ("dense_kernel", "sparse_kernel")
-            ]
+            peers = [r["median_s"] for r in recs if r["impl"] not in OUR_KERNELS]
             dense = [r for r in recs if r["impl"] == "dense_kernel"]
             if not dense or not peers:
                 continue
@@ -685,6 +688,10 @@ class Bench:
                     )
             out.append(line)
         return out
+
+
+# The rows of this project's kernels (the rest of a shape's rows are peers).
+OUR_KERNELS = ("dense_kernel", "dense_kernel_lookup", "sparse_kernel")
 
 
 def _default_splits(shape: Shape, block_k: int, max_rows: int) -> int:

@@ -105,6 +105,7 @@ def sparse_verify_attention_kernel(
     mask_value: float,
     return_reads: bool,
     return_scores: bool,
+    contiguous: bool,
 ):
     read_ref = extra_refs[0] if return_reads else None
     scores_ref = extra_refs[-1] if return_scores else None
@@ -174,9 +175,12 @@ def sparse_verify_attention_kernel(
         softmax_state, lanes_loaded = carry
         flat = start + i * block_k + lanes
         in_list = flat < end
-        entry = lax.shift_right_logical(flat, log2_granularity)
-        block_ids = pltriton.load(indices_ref.at[entry], mask=in_list, other=0)
-        positions = block_ids * granularity + (flat & (granularity - 1))
+        if contiguous:  # the list is every block in order: row j is position j, no lookup
+            positions = flat
+        else:
+            entry = lax.shift_right_logical(flat, log2_granularity)
+            block_ids = pltriton.load(indices_ref.at[entry], mask=in_list, other=0)
+            positions = block_ids * granularity + (flat & (granularity - 1))
         valid = in_list & (positions >= 0) & (positions < length)
         softmax_state = step(softmax_state, positions, valid, valid[None, :])
         return softmax_state, lanes_loaded + valid.astype(jnp.int32)
@@ -218,6 +222,7 @@ def _sparse_verify_attention_unbatched(
     mask_value: float,
     return_reads: bool,
     return_summary: bool,
+    contiguous: bool,
     interpret: bool,
     debug: bool,
 ):
@@ -246,6 +251,7 @@ def _sparse_verify_attention_unbatched(
         mask_value=mask_value,
         return_reads=return_reads,
         return_scores=return_summary,
+        contiguous=contiguous,
     )
     split_outputs = [
         ((num_kv_heads, num_splits, rows_padded, head_dim), jnp.float32),  # o
@@ -274,7 +280,7 @@ def _sparse_verify_attention_unbatched(
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         debug=debug,
-        name=f"sparse_verify_attention_{granularity=}_{block_k=}_{num_splits=}",
+        name=f"sparse_verify_attention_{granularity=}_{block_k=}_{num_splits=}_{contiguous=}",
     )(q_rows, k_cache, v_cache, block_indices, block_count, context_length)
 
     # Final round of flash: merge the splits (in log2 units).
@@ -353,6 +359,7 @@ def _check_inputs(q, k_cache, v_cache, block_indices, block_counts, context_leng
         "mask_value",
         "return_reads",
         "return_summary",
+        "contiguous",
         "interpret",
         "debug",
     ),
@@ -371,6 +378,7 @@ def sparse_verify_attention(
     mask_value: float = DEFAULT_MASK_VALUE,
     return_reads: bool = False,
     return_summary: bool = False,
+    contiguous: bool = False,
     interpret: bool = False,
     debug: bool = False,
 ) -> jax.Array | tuple[jax.Array, ...]:
@@ -395,6 +403,9 @@ def sparse_verify_attention(
         each query over the positions it read (zero elsewhere; each row sums to 1). The
         kernel writes the logits of the rows it loads, so the summary costs one f32 per
         (query head, position read), not a second pass over the keys.
+      contiguous: the caller promises that each row's list is blocks 0, 1, ...,
+        block_counts[b] - 1 in order (`dense_block_list`), so the kernel reads the context
+        rows in order without looking their ids up (the dense read).
       interpret, debug: forwarded to `pallas_call`.
 
     Returns:
@@ -423,6 +434,7 @@ def sparse_verify_attention(
         mask_value=mask_value,
         return_reads=return_reads,
         return_summary=return_summary,
+        contiguous=contiguous,
         interpret=interpret,
         debug=debug,
     )
@@ -461,11 +473,13 @@ def dense_verify_attention(
     granularity: int = 64,
     **kwargs,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """Dense verify: `sparse_verify_attention` with every context block selected."""
+    """Dense verify: `sparse_verify_attention` with every context block selected, read in
+    order (`contiguous`)."""
     indices, counts = dense_block_list(context_lengths, k_cache.shape[1], granularity)
     return sparse_verify_attention(
-        q, k_cache, v_cache, indices, counts, context_lengths, granularity=granularity, **kwargs
-    )
+        q, k_cache, v_cache, indices, counts, context_lengths, granularity=granularity,
+        contiguous=True, **kwargs,
+    )  # fmt: skip
 
 
 def use_kernel(backend: str, head_dim: int) -> bool:

@@ -198,6 +198,34 @@ class SparseVerifyAttentionCases(KernelTestBase):
         )
         np.testing.assert_allclose(out, expected, **tolerance(jnp.float32))
 
+    @pytest.mark.parametrize("granularity", [16, 64])
+    def test_dense_read_in_order_stops_at_the_context(self, granularity):
+        """The dense read (`contiguous`: rows in order, no id lookups) never loads a row past
+        each sequence's context and new tokens (NaN there), counts what it loads, and equals
+        the same block list read through its ids."""
+        num_heads, num_kv_heads = self.heads("32/8")
+        num_queries, seq_len = 5, self.seq_len()
+        lengths = jnp.asarray([0, 7, seq_len // 2 + 3, seq_len - num_queries], jnp.int32)
+        q, k, v = make_qkv(
+            jax.random.key(3), 4, num_queries, num_heads, num_kv_heads, 64, seq_len, jnp.bfloat16
+        )
+        live = jnp.arange(seq_len)[None, :] < (lengths + num_queries)[:, None]
+        k_nan = jnp.where(live[:, :, None, None], k, jnp.nan)
+        v_nan = jnp.where(live[:, :, None, None], v, jnp.nan)
+        indices, counts = pk.dense_block_list(lengths, seq_len, granularity)
+        run = functools.partial(
+            pk.sparse_verify_attention, granularity=granularity, return_reads=True,
+            interpret=self.INTERPRET,
+        )  # fmt: skip
+        out, reads = run(q, k_nan, v_nan, indices, counts, lengths, contiguous=True)
+        looked_up, _ = run(q, k, v, indices, counts, lengths, contiguous=False)
+        assert bool(jnp.isfinite(out).all())
+        np.testing.assert_array_equal(
+            np.asarray(out, np.float32), np.asarray(looked_up, np.float32)
+        )
+        expected = np.broadcast_to((lengths + num_queries)[:, None], (4, num_kv_heads))
+        np.testing.assert_array_equal(np.asarray(reads), expected)
+
     def test_selection_past_the_context_is_ignored(self):
         """Blocks beyond the context (including the new tokens' block) select nothing, and
         new tokens are counted once."""
