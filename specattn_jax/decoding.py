@@ -10,7 +10,6 @@ steps it from the host and yields the tokens each step accepted.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -147,24 +146,8 @@ def check_fits_cache(
         )
 
 
-# `run_to_completion` asks "is every sequence done?" once per this many steps. XLA runs a
-# while loop whose predicate is computed on device by reading it back to the host after
-# each iteration, so the host cannot queue the next iteration's kernels ahead of the GPU; a
-# loop of a fixed trip count has no such read.
-STEPS_PER_CHECK = 4
-
-
-def run_to_completion(
-    step: Callable, state, max_steps: int, steps_per_check: int = STEPS_PER_CHECK
-):
-    """Steps `state` in one `lax.while_loop` until every sequence is done (or `max_steps`).
-
-    Each iteration runs `steps_per_check` steps (a fixed-count inner loop; the count is
-    reduced to a divisor of `max_steps`), so up to `steps_per_check - 1` steps may run after
-    the last sequence is done: `step` must leave a state whose sequences are all done as it
-    is (its counters included; `spec_step` does).
-    """
-    steps_per_check = math.gcd(steps_per_check, max_steps) or 1
+def run_to_completion(step: Callable, state, max_steps: int):
+    """Steps `state` in one `lax.while_loop` until every sequence is done (or `max_steps`)."""
 
     def cond(carry):
         steps, state = carry
@@ -172,8 +155,7 @@ def run_to_completion(
 
     def body(carry):
         steps, state = carry
-        state = jax.lax.fori_loop(0, steps_per_check, lambda _, state: step(state), state)
-        return steps + steps_per_check, state
+        return steps + 1, step(state)
 
     return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
 

@@ -379,9 +379,7 @@ def spec_step(
     state: SpecState,
 ) -> SpecState:
     """One decoding step for every sequence (see the module docstring); without a draft,
-    one verifier forward on the pending token, which picks the next. A state whose
-    sequences are all done comes back as it was, but for the scratch positions past each
-    sequence in the caches (`run_to_completion` may step it)."""
+    one verifier forward on the pending token, which picks the next."""
     draft, verifier = _merge(decoder, params)
     gamma = decoder.gamma
     active = ~state.progress.done
@@ -427,7 +425,7 @@ def spec_step(
         seq_lengths=seq_lengths,
         last_two=last_two,
         key=state.key,
-        step=state.step + jnp.any(active).astype(jnp.int32),  # a step of no one is none
+        step=state.step + 1,
         accepted=state.accepted + jnp.where(active, num_accepted, 0),
         kv_log=jax.lax.dynamic_update_index_in_dim(state.kv_log, step_reads, state.step, 0),
         seen=seen,
