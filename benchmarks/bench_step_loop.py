@@ -7,7 +7,8 @@ This script times, with random bf16 weights and caches of random keys (bench_gen
 steps):
 
   draft   a draft phase (TinyLlama-1.1B shape, gamma tokens at --context);
-  decode  an autoregressive step (Llama-2-7B shape at each --decode-contexts);
+  decode  an autoregressive step (Llama-2-7B shape at each --decode-contexts), fed its own
+          greedy token;
 
 (bench_generate's `_draft_step` and `_decode_step`) each as `call` (one jitted call per
 phase, back to back, one sync) and `loop` (--loop phases in one `lax.fori_loop`, as
@@ -49,23 +50,28 @@ def _draft_phase(graphdef, gamma, params, tokens, lengths, key, cache):
     return _draft_step(graphdef, params, tokens, cache, lengths, key, gamma, ())[0]
 
 
-def _decode(graphdef, params, tokens, lengths, cache):
-    return _decode_step(graphdef, params, tokens, cache, lengths, attend)[0]
+def _decode(graphdef, params, lengths, state):
+    """One decode step fed its own greedy token, so that no part of the forward is dead
+    code (a step whose logits went unused would skip the LM head and the last layer's
+    attention read and MLP)."""
+    cache, tokens = state
+    cache, logits = _decode_step(graphdef, params, tokens, cache, lengths, attend)
+    return cache, jnp.argmax(logits[:, -1:], axis=-1).astype(tokens.dtype)
 
 
-def call_ms(phase, args: tuple, cache, calls: int):
-    """Median milliseconds per `cache = phase(*args, cache, ...)` as back-to-back jitted
-    calls (weights are arguments, never constants; the cache is donated)."""
-    step = jax.jit(lambda args, cache: phase(*args, cache), donate_argnums=1)
-    seconds, state = device_time(lambda state: (step(args, state[0]), None), (cache, None),
+def call_ms(phase, args: tuple, state, calls: int):
+    """Median milliseconds per `state = phase(*args, state)` as back-to-back jitted calls
+    (weights are arguments, never constants; the state, caches included, is donated)."""
+    step = jax.jit(lambda args, state: phase(*args, state), donate_argnums=1)
+    seconds, state = device_time(lambda state: (step(args, state[0]), None), (state, None),
                                  calls=calls)  # fmt: skip
     return 1e3 * seconds, state[0]
 
 
-def loop_ms(phase, args: tuple, cache, count: int):
+def loop_ms(phase, args: tuple, state, count: int):
     """Median milliseconds per phase of `count` phases in one `fori_loop`."""
-    summary, cache = _timing.threaded_loop_time(phase, args, cache, iters=count)
-    return 1e3 * summary["median_s"], cache
+    summary, state = _timing.threaded_loop_time(phase, args, state, iters=count)
+    return 1e3 * summary["median_s"], state
 
 
 def main(argv=None) -> int:
@@ -110,11 +116,12 @@ def main(argv=None) -> int:
     verifier_config = shape(LLAMA2_7B)
     v_graph, v_params = nnx.split(Llama(verifier_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
     cache = _random_cache(verifier_config, 1, size, max(decode_contexts, default=0), key)
+    state = (cache, tokens[:, :1])
     for context in decode_contexts:
         phase = functools.partial(_decode, v_graph)
-        phase_args = (v_params, tokens, jnp.full((1,), context, jnp.int32))
-        call, cache = call_ms(phase, phase_args, cache, args.calls)
-        loop, cache = loop_ms(phase, phase_args, cache, args.loop)
+        phase_args = (v_params, jnp.full((1,), context, jnp.int32))
+        call, state = call_ms(phase, phase_args, state, args.calls)
+        loop, state = loop_ms(phase, phase_args, state, args.loop)
         record(step="decode", context=context, call_ms=call, loop_ms=loop)
     Path(args.out).write_text(json.dumps(report, indent=1))
     return 0
