@@ -310,11 +310,13 @@ class Bench:
         def sets_for(bytes_read):
             return kv[: self.num_sets(bytes_read, dense_bytes)]
 
-        # Dense kernel (all blocks at g = 16): rows read in order (what the model runs), and
-        # the same list read through its ids.
+        # Dense kernel (all blocks at g = 16), read as the model reads it (in order or through
+        # the block ids, `pk.reads_in_order`), then the other way.
         indices, counts = pk.dense_block_list(lengths, seq_len, 16)
         arg_sets = [(q, k, v, indices, counts, lengths) for k, v in sets_for(dense_bytes)]
-        for impl, contiguous in (("dense_kernel", True), ("dense_kernel_lookup", False)):
+        in_order = pk.reads_in_order(shape.batch, num_heads, num_kv_heads)
+        other = "dense_kernel_lookup" if in_order else "dense_kernel_in_order"
+        for impl, contiguous in (("dense_kernel", in_order), (other, not in_order)):
             if self.over_budget():
                 return
             try:
@@ -691,7 +693,7 @@ class Bench:
 
 
 # The rows of this project's kernels (the rest of a shape's rows are peers).
-OUR_KERNELS = ("dense_kernel", "dense_kernel_lookup", "sparse_kernel")
+OUR_KERNELS = ("dense_kernel", "dense_kernel_lookup", "dense_kernel_in_order", "sparse_kernel")
 
 
 def _default_splits(shape: Shape, block_k: int, max_rows: int) -> int:

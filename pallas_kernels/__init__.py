@@ -43,6 +43,9 @@ from pallas_kernels.sparse_verify_attention import (
     dense_verify_attention as dense_verify_attention,
 )
 from pallas_kernels.sparse_verify_attention import (
+    reads_in_order as reads_in_order,
+)
+from pallas_kernels.sparse_verify_attention import (
     selection_mask as selection_mask,
 )
 from pallas_kernels.sparse_verify_attention import (
@@ -83,6 +86,7 @@ __all__ = [
     "default_backend",
     "dense_block_list",
     "dense_verify_attention",
+    "reads_in_order",
     "resolve_backend",
     "scatter_rows",
     "selection_mask",
