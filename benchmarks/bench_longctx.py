@@ -57,9 +57,11 @@ from specattn_jax.selection import SelectionInputs, SpecAttnSelector
 from specattn_jax.speculative import (
     Pair,
     SpecConfig,
+    SpecState,
     _generate,
     _jit_prefill,
     _merge,
+    _Run,
     _setup,
     draft_tokens,
     spec_stats,
@@ -236,13 +238,16 @@ def byte_limit_s(config: LlamaConfig, context: int, bandwidth: float) -> float:
     return (weights + kv) / bandwidth
 
 
-def time_generate(draft, verifier, prompts, config, new_tokens: int, repeats: int) -> dict:
+def time_generate(
+    draft, verifier, prompts, config, new_tokens: int, repeats: int
+) -> tuple[dict, SpecState, _Run]:
     """Wall seconds of one jitted `generate` (prefill, then `new_tokens` greedy tokens per
     prompt, no EOS), and of the same compiled program stopped at half the tokens (a smaller
     token budget, which is traced); their difference over the steps between them is the
-    time of a step, with the prefill and the program's fixed costs cancelled. With the run's
-    statistics, its final state and its `_Run` (`"state"`, `"run"`: the caller pops them; the
-    run's caches are spent)."""
+    time of a step, with the prefill and the program's fixed costs cancelled.
+
+    Returns (the timings with the run's statistics, its final state, its `_Run`, whose
+    caches are spent)."""
     last = {}
 
     def setup(budget: int = new_tokens):
@@ -259,7 +264,7 @@ def time_generate(draft, verifier, prompts, config, new_tokens: int, repeats: in
     total = wall_median(whole, repeats=repeats, prepare=setup, warm_up=False)
     stats = spec_stats(last["state"], **last["run"].stats_context)
     assert stats["tokens"] == new_tokens * len(prompts), stats["tokens"]
-    return {
+    timing = {
         "generate_s": total,
         "half_generate_s": half,
         "steps": stats["steps"],
@@ -267,9 +272,8 @@ def time_generate(draft, verifier, prompts, config, new_tokens: int, repeats: in
         "tokens_per_s_wall": stats["tokens"] / total,
         "tokens_per_step": stats["tokens_per_step"],
         "kv_reduction": stats["kv_reduction"],
-        "state": last["state"],
-        "run": last["run"],
     }
+    return timing, last["state"], last["run"]
 
 
 def hf_decode(model, prompt, new_tokens: int) -> dict:
@@ -315,10 +319,9 @@ def bench_decode(args, budget: Budget, report: dict, save) -> None:
         row = {"shape": "llama2-7b", "context": context, "new_tokens": args.new_tokens}
         model = random_model(config, 0)
         try:
-            timing = time_generate(
+            timing, _, _ = time_generate(
                 None, model, [prompt], SpecConfig(), args.new_tokens, args.repeats
             )
-            del timing["state"], timing["run"]
             row.update(timing)
             row["decode_ms_per_token"] = row["step_ms"]
             # The timed steps are the second half: their mean context.
@@ -542,13 +545,15 @@ def bench_speculative(args, budget: Budget, report: dict, save) -> None:
                 rows.append({**row, "skipped": "time"})
                 continue
             try:
-                timing = time_generate(
+                timing, state, run = time_generate(
                     draft_model, verifier, prompts, config, args.new_tokens, repeats
                 )
-                state, run = timing.pop("state"), timing.pop("run")
                 row.update(timing)
                 row["jax_peak_gb_so_far"] = peak_gb()
-                family = name.split("_g")[0]
+                family = (
+                    "autoregressive" if draft_model is None
+                    else "specattn" if config.sparse else "speculative"
+                )  # fmt: skip
                 row["derived_tokens_per_s"] = {
                     other["label"]: len(prompts) * other["tokens_per_step"][family]
                     / (row["step_ms"] / 1e3)

@@ -24,6 +24,7 @@ import jax
 
 from specattn_jax import LayerMap, SpecConfig, generate, load_pair, make_sampler
 from specattn_jax.data import load_split_texts
+from specattn_jax.errors import SpecAttnError
 from specattn_jax.eval import make_windows
 
 SAMPLERS = {"greedy": make_sampler(0.0), "temperature 1": make_sampler(1.0)}
@@ -43,6 +44,33 @@ def settings(args) -> dict[str, tuple[SpecConfig, object]]:
     return {**dense, **sparse}
 
 
+def measure(args) -> tuple[list[dict], int]:
+    """One row per setting of `settings(args)` on the test prompts, and how many prompts."""
+    runs = settings(args)
+    draft, verifier, tokenizer = load_pair(args.verifier, args.draft, args.dtype)
+    texts = load_split_texts("test", args.data_dir)
+    prompts = make_windows(tokenizer, texts, args.prompt_tokens, args.prompts).tolist()
+    rows = []
+    for name, (config, sampler) in runs.items():
+        start = time.perf_counter()
+        stats = generate(
+            draft, verifier, prompts, config, max_new_tokens=args.new_tokens, eos_id=None,
+            sampler=sampler, key=jax.random.key(0),
+        ).stats  # fmt: skip
+        rows.append(
+            {
+                "setting": name,
+                "attn_p": config.attn_p,
+                "acceptance_rate": stats["acceptance_rate"],
+                "tokens_per_step": stats["tokens_per_step"],
+                "kv_reduction": stats["kv_reduction"],
+                "steps": stats["steps"],
+                "seconds_with_compile": round(time.perf_counter() - start, 1),
+            }
+        )
+    return rows, len(prompts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--verifier", required=True)
@@ -60,31 +88,13 @@ def main() -> None:
     parser.add_argument("--layer-map", default=None, help="layer map JSON for --attn-p")
     parser.add_argument("--out", type=Path, default=None, help="JSON file to write")
     args = parser.parse_args()
-
-    draft, verifier, tokenizer = load_pair(args.verifier, args.draft, args.dtype)
-    texts = load_split_texts("test", args.data_dir)
-    prompts = make_windows(tokenizer, texts, args.prompt_tokens, args.prompts).tolist()
-    rows = []
-    for name, (config, sampler) in settings(args).items():
-        start = time.perf_counter()
-        stats = generate(
-            draft, verifier, prompts, config, max_new_tokens=args.new_tokens, eos_id=None,
-            sampler=sampler, key=jax.random.key(0),
-        ).stats  # fmt: skip
-        rows.append(
-            {
-                "setting": name,
-                "attn_p": config.attn_p,
-                "acceptance_rate": stats["acceptance_rate"],
-                "tokens_per_step": stats["tokens_per_step"],
-                "kv_reduction": stats["kv_reduction"],
-                "steps": stats["steps"],
-                "seconds_with_compile": round(time.perf_counter() - start, 1),
-            }
-        )
+    try:  # bad input (a p outside (0, 1], a missing checkpoint or layer map): one line
+        rows, num_prompts = measure(args)
+    except SpecAttnError as error:
+        parser.error(str(error))
     device = jax.devices()[0].device_kind
     print(
-        f"{len(prompts)} test prompts of {args.prompt_tokens} tokens, {args.new_tokens} new "
+        f"{num_prompts} test prompts of {args.prompt_tokens} tokens, {args.new_tokens} new "
         f"tokens each, gamma {args.gamma}, {args.dtype}, {device}"
     )
     print("| setting | acceptance | tokens/step | KV reduction |\n| --- | ---: | ---: | ---: |")
@@ -98,7 +108,7 @@ def main() -> None:
             "verifier": args.verifier,
             "draft": args.draft,
             "device": device,
-            "prompts": len(prompts),
+            "prompts": num_prompts,
             "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens,
             "gamma": args.gamma,
