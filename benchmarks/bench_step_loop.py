@@ -43,7 +43,7 @@ from bench_generate import (
 from flax import nnx
 
 from specattn_jax.attention import attend
-from specattn_jax.model import Llama
+from specattn_jax.model import MATMUL_MODES, Llama
 
 
 def _draft_phase(graphdef, gamma, params, tokens, lengths, key, cache):
@@ -82,6 +82,10 @@ def main(argv=None) -> int:
     parser.add_argument("--gamma", type=int, default=4)
     parser.add_argument("--loop", type=int, default=20, help="phases per device loop")
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument(
+        "--matmul-mode", default="auto", choices=MATMUL_MODES,
+        help="how steps multiply: fused decode_matmul kernels (auto) or XLA (off)",
+    )  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="toy shapes: a CPU smoke run")
     args = parser.parse_args(argv)
     shape = shrunk if args.tiny else (lambda config: config)
@@ -92,6 +96,7 @@ def main(argv=None) -> int:
         "device": str(jax.devices()[0].device_kind),
         "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "matmul_mode": args.matmul_mode,
         "gamma": args.gamma,
         "loop": args.loop,
         "rows": [],
@@ -102,7 +107,9 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
 
     draft_config = shape(TINYLLAMA_1B)
-    d_graph, d_params = nnx.split(Llama(draft_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(1)))
+    d_graph, d_params = nnx.split(
+        Llama(draft_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(1), matmul_mode=args.matmul_mode)
+    )
     tokens = jax.random.randint(key, (1, args.gamma + 1), 0, draft_config.vocab_size)
     lengths = jnp.full((1,), args.context, jnp.int32)
     cache = _random_cache(draft_config, 1, size, args.context, key)
@@ -114,7 +121,9 @@ def main(argv=None) -> int:
     del cache
 
     verifier_config = shape(LLAMA2_7B)
-    v_graph, v_params = nnx.split(Llama(verifier_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    v_graph, v_params = nnx.split(
+        Llama(verifier_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), matmul_mode=args.matmul_mode)
+    )
     cache = _random_cache(verifier_config, 1, size, max(decode_contexts, default=0), key)
     state = (cache, tokens[:, :1])
     for context in decode_contexts:

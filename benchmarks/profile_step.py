@@ -5,9 +5,11 @@ Random bf16 weights and caches of random keys (bench_generate.py's steps): the k
 bytes are those of a real run; only the values differ. For each step, after a warm-up,
 `--steps` calls run under `jax.profiler.trace`; the trace's GPU kernels are grouped by name
 (microseconds and launches per step) beside the wall time per step, so
-the gap between them (launch and host overhead) shows too.
+the gap between them (launch and host overhead) shows too. Each kernel is named with the
+source op its fusion came from (the HLO metadata's `op_name`, which holds the model's named
+scopes: qkv, rope, cache_update, attention, ...).
 
-    python benchmarks/profile_step.py --out profile.json [--trace-dir DIR] [--tiny]
+    python benchmarks/profile_step.py --out profile.json [--trace-dir DIR] [--hlo-dir DIR] [--tiny]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import collections
 import gzip
 import json
+import re
 import sys
 import tempfile
 import time
@@ -34,12 +37,29 @@ from bench_generate import (
 from flax import nnx
 
 from specattn_jax.attention import attend
-from specattn_jax.model import Llama
+from specattn_jax.model import MATMUL_MODES, Llama
 from specattn_jax.selection import SpecAttnSelector
+from specattn_jax.speculative import Pair, SpecConfig, _generate, _setup
+
+_HLO_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name="([^"]*)"')
 
 
-def kernel_summary(trace_dir: Path, steps: int, top: int) -> dict:
-    """GPU kernel time per step from the newest `*.trace.json.gz` under `trace_dir`."""
+def source_ops(compiled_hlo: str) -> dict[str, str]:
+    """{kernel name: op_name} for a compiled module's instructions (a kernel is named after
+    its fusion or custom call, with '.' and '-' as '_')."""
+    ops = {}
+    for line in compiled_hlo.splitlines():
+        match = _HLO_INSTRUCTION.match(line)
+        if match:
+            ops[re.sub(r"[.\-]", "_", match.group(1))] = match.group(2)
+    return ops
+
+
+def kernel_summary(
+    trace_dir: Path, steps: int, top: int, ops: dict[str, str], in_loop: bool = False
+) -> dict:
+    """GPU kernel time per step from the newest `*.trace.json.gz` under `trace_dir`
+    (`in_loop`: only the kernels of a `while` loop's body)."""
     trace_file = max(trace_dir.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
     with gzip.open(trace_file, "rt") as f:
         events = json.load(f)["traceEvents"]
@@ -58,6 +78,8 @@ def kernel_summary(trace_dir: Path, steps: int, top: int) -> dict:
     for e in events:
         if e.get("ph") != "X" or "GPU" not in process_names.get(e["pid"], ""):
             continue
+        if in_loop and "while/body" not in ops.get(e["name"], ""):
+            continue
         line = thread_names.get((e["pid"], e["tid"]), str(e["tid"]))
         lines[line][e["name"]] += e.get("dur", 0.0)
         counts[line][e["name"]] += 1
@@ -69,6 +91,7 @@ def kernel_summary(trace_dir: Path, steps: int, top: int) -> dict:
             "top": [
                 {
                     "name": name[:160],
+                    "op": ops.get(name, "")[-160:],
                     "us_per_step": total / steps,
                     "launches_per_step": counts[line][name] / steps,
                 }
@@ -78,25 +101,36 @@ def kernel_summary(trace_dir: Path, steps: int, top: int) -> dict:
     return summary
 
 
-def profile(name: str, step, state, args, report: dict):
-    """Traces `state = step(state)` and adds its summary to `report`; returns the state
-    (donated buffers move on with it)."""
-    state = jax.block_until_ready(step(state))  # compile and warm up
-    state = jax.block_until_ready(step(state))
+def profile(
+    name: str, phase, inputs, state, args, report: dict, *, iterations: int = 1,
+    in_loop: bool = False,
+):  # fmt: skip
+    """Traces `state = phase(inputs, state)`, jitted with the state donated, and adds its
+    summary to `report`; returns the state (donated buffers move on with it). A call that
+    runs a loop of `iterations` steps is reported per step, its kernels outside the loop
+    left out (`in_loop`)."""
+    step = jax.jit(phase, donate_argnums=1)
+    compiled_hlo = step.lower(inputs, state).compile().as_text()
+    ops = source_ops(compiled_hlo)
+    if args.hlo_dir:
+        Path(args.hlo_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.hlo_dir) / f"{name}.hlo.txt").write_text(compiled_hlo)
+    state = jax.block_until_ready(step(inputs, state))  # compile and warm up
+    state = jax.block_until_ready(step(inputs, state))
     trace_dir = Path(args.trace_dir or tempfile.mkdtemp()) / name
     with jax.profiler.trace(str(trace_dir)):
         start = time.perf_counter()
         for _ in range(args.steps):
-            state = step(state)
+            state = step(inputs, state)
         jax.block_until_ready(state)
         wall = (time.perf_counter() - start) / args.steps
-    row = {"wall_ms_per_step": 1e3 * wall}
+    row = {"wall_ms_per_call": 1e3 * wall, "steps_per_call": iterations}
     try:
-        row["gpu"] = kernel_summary(trace_dir, args.steps, args.top)
+        row["gpu"] = kernel_summary(trace_dir, args.steps * iterations, args.top, ops, in_loop)
     except (ValueError, OSError, KeyError) as error:
         row["trace_error"] = f"{type(error).__name__}: {error}"
     report[name] = row
-    print(f"\n== {name}: {row['wall_ms_per_step']:.3f} ms per step (wall, traced)")
+    print(f"\n== {name}: {row['wall_ms_per_call']:.3f} ms per call of {iterations} steps (wall)")
     for line, part in row.get("gpu", {}).items():
         print(
             f"  [{line}] {part['total_us_per_step']:.1f} us/step in "
@@ -104,31 +138,71 @@ def profile(name: str, step, state, args, report: dict):
         )
         for k in part["top"][: args.print_top]:
             print(
-                f"    {k['us_per_step']:9.1f} us  x{k['launches_per_step']:<5.0f} {k['name'][:90]}"
+                f"    {k['us_per_step']:9.1f} us  x{k['launches_per_step']:<5.0f} "
+                f"{k['name'][:50]:50} {k['op'][-70:]}"
             )
     return state
+
+
+def profile_generate(graphdef, params, args) -> dict:
+    """The kernels of one step of `generate`'s loop, autoregressive (Llama-2-7B shape, a
+    random prompt of --generate-context tokens, --generate-tokens new tokens): what the
+    loop runs beyond the decode forward shows beside `decode_*`."""
+    verifier = nnx.merge(graphdef, params)
+    prompt = jax.random.randint(
+        jax.random.key(1), (args.generate_context,), 0, verifier.config.vocab_size
+    ).tolist()
+    run = _setup(None, verifier, [prompt], SpecConfig(), args.generate_tokens, *[None] * 5)
+
+    def phase(params, caches):
+        state = _generate(
+            run.decoder, params, run.tokens, run.lengths, caches, run.rule, run.key,
+            run.budgets, run.max_new, run.selector,
+        )  # fmt: skip
+        verifier_cache = state.caches.verifier
+        return Pair(None, verifier_cache.with_lengths(jnp.zeros_like(verifier_cache.lengths)))
+
+    report = {}
+    profile(
+        f"generate_ar_{args.generate_context}", phase, run.params, run.caches, args, report,
+        iterations=args.generate_tokens - 1, in_loop=True,
+    )  # fmt: skip
+    return report
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="profile_step.json")
     parser.add_argument("--trace-dir", help="keep the raw traces here")
+    parser.add_argument("--hlo-dir", help="write each step's compiled HLO here")
     parser.add_argument("--draft-context", type=int, default=32768)
     parser.add_argument("--decode-contexts", default="4096,32768")
     parser.add_argument("--gamma", type=int, default=4)
+    parser.add_argument("--generate-context", type=int, default=4096, help="0: skip")
+    parser.add_argument("--generate-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--print-top", type=int, default=12)
+    parser.add_argument(
+        "--matmul-mode", default="auto", choices=MATMUL_MODES,
+        help="how steps multiply: fused decode_matmul kernels (auto) or XLA (off)",
+    )  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="toy shapes: a CPU smoke run")
     args = parser.parse_args(argv)
     shape = shrunk if args.tiny else (lambda config: config)
-    report = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+    report = {
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
+        "matmul_mode": args.matmul_mode,
+    }
     decode_contexts = [int(c) for c in args.decode_contexts.split(",") if c]
     size = max([args.draft_context, *decode_contexts]) + 64
     key = jax.random.key(0)
 
     draft_config, verifier_config = shape(TINYLLAMA_1B), shape(LLAMA2_7B)
-    d_graph, d_params = nnx.split(Llama(draft_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(1)))
+    d_graph, d_params = nnx.split(
+        Llama(draft_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(1), matmul_mode=args.matmul_mode)
+    )
     tokens = jax.random.randint(key, (1, args.gamma + 1), 0, draft_config.vocab_size)
     lengths = jnp.full((1,), args.draft_context, jnp.int32)
     num_layers = verifier_config.num_hidden_layers
@@ -141,29 +215,33 @@ def main(argv=None) -> int:
     for name, layers in (("draft", ()), ("draft_summaries", selector.draft_layers)):
         draft_state = profile(
             f"{name}_{args.draft_context}",
-            lambda state, layers=layers: _draft_step(
-                d_graph, d_params, tokens, state[0], lengths, key, args.gamma, layers
+            lambda inputs, state, layers=layers: _draft_step(
+                d_graph, *inputs[:2], state[0], *inputs[2:], args.gamma, layers
             ),
+            (d_params, tokens, lengths, key),
             draft_state,
             args,
             report,
         )
     del draft_state
 
-    v_graph, v_params = nnx.split(Llama(verifier_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    v_graph, v_params = nnx.split(
+        Llama(verifier_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), matmul_mode=args.matmul_mode)
+    )
     cache = _random_cache(verifier_config, 1, size, max(decode_contexts, default=0), key)
     state = (cache, None)
     for context in decode_contexts:
         context_lengths = jnp.full((1,), context, jnp.int32)
         state = profile(
             f"decode_{context}",
-            lambda state, lengths=context_lengths: _decode_step(
-                v_graph, v_params, tokens, state[0], lengths, attend
-            ),
+            lambda inputs, state: _decode_step(v_graph, *inputs[:2], state[0], inputs[2], attend),
+            (v_params, tokens, context_lengths),
             state,
             args,
             report,
         )
+    if args.generate_context:
+        report.update(profile_generate(v_graph, v_params, args))
     Path(args.out).write_text(json.dumps(report, indent=1))
     return 0
 

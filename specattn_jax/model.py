@@ -31,11 +31,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import resolve_backend
+from pallas_kernels.decode_matmul import decode_matmul
+from pallas_kernels.decode_matmul import supports as decode_matmul_supports
+from specattn_jax import attention as attention_lib
 from specattn_jax.attention import (
     DENSE,
     Attend,
@@ -48,7 +53,14 @@ from specattn_jax.attention import (
 from specattn_jax.cache import KVCache, LayerCache
 from specattn_jax.config import LlamaConfig
 
+# How a step over a cache of at most 16 tokens (`decode_matmul.MAX_ROWS`) multiplies, by
+# `Llama.matmul_mode`: "auto", the fused `pallas_kernels.decode_matmul` kernels on a CUDA GPU
+# for bf16/f16 weights; "off", XLA op by op; "interpret", the kernels in Pallas interpret
+# mode (tests on CPU).
+MATMUL_MODES = ("auto", "off", "interpret")
+
 _INIT_STD = 0.02
+_HALF_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 # XLA's GPU compiler turns a vector-matrix product whose operands hold fewer elements than
@@ -131,6 +143,8 @@ class LayerInputs:
         `sharding.HeadParallel`).
       backend: "auto", "pallas" or "reference" for the kernels.
       summary_layers: the layers that report head-mean attention probabilities.
+      matmul_kernel: `decode_matmul` (the RMSNorms, residual adds and SwiGLU fused into the
+        four projections) where this forward runs it, else None (XLA, op by op).
     """
 
     positions: jax.Array
@@ -141,6 +155,7 @@ class LayerInputs:
     attend: Attend
     backend: str
     summary_layers: tuple[int, ...]
+    matmul_kernel: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,9 +199,15 @@ class Attention(nnx.Module):
             self.o_bias = nnx.Param(jnp.zeros((embed,), dtype))
         self.use_bias = config.attention_bias
 
-    def qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Queries [B, T, H, D], keys and values [B, T, H_kv, D] of x [B, T, E] (no RoPE)."""
-        qkv = linear("bte,eksd->btksd", x, self.qkv_proj[...])
+    def qkv(
+        self, x: jax.Array, norm: RMSNorm, matmul_kernel: Callable | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries [B, T, H, D], keys and values [B, T, H_kv, D] of `norm(x)` for the
+        residual stream x [B, T, E] (no RoPE)."""
+        if matmul_kernel is not None:
+            qkv = matmul_kernel(x, self.qkv_proj[...], norm_weight=norm.weight[...], eps=norm.eps)
+        else:
+            qkv = linear("bte,eksd->btksd", norm(x), self.qkv_proj[...])
         if self.use_bias:
             qkv = qkv + self.qkv_bias[...]
         batch, seq, kv_heads, slots, dim = qkv.shape
@@ -195,15 +216,17 @@ class Attention(nnx.Module):
 
     def __call__(
         self,
-        x: jax.Array,  # [B, T, E]
+        x: jax.Array,  # [B, T, E] the residual stream
         layer_index: int,
         cache: LayerCache | None,  # [B, S, H_kv, D] each
         inputs: LayerInputs,
+        norm: RMSNorm,
     ) -> tuple[jax.Array, LayerResult]:
-        """Projections and RoPE, the cache write, then `inputs.attend` over what the plan says
-        this layer reads. Returns the output [B, T, E] and the `LayerResult`."""
+        """`norm`, projections and RoPE, the cache write, then `inputs.attend` over what the
+        plan says this layer reads, and the output projection added to x. Returns the
+        residual stream [B, T, E] and the `LayerResult`."""
         with jax.named_scope("qkv"):
-            q, k, v = self.qkv(x)
+            q, k, v = self.qkv(x, norm, inputs.matmul_kernel)
         with jax.named_scope("rope"):
             q = apply_rope(q, inputs.positions, inputs.inv_freq)
             k = apply_rope(k, inputs.positions, inputs.inv_freq)
@@ -226,15 +249,25 @@ class Attention(nnx.Module):
                 backend=inputs.backend,
                 return_summary=layer_index in inputs.summary_layers,
             )
-        out = linear("bthd,hde->bte", attention.out.astype(x.dtype), self.o_proj[...])
-        if self.use_bias:
-            out = out + self.o_bias[...]
+        heads_out = attention.out.astype(x.dtype)  # [B, T, H, D]
+        if inputs.matmul_kernel is not None:
+            batch, seq = x.shape[:2]
+            out = inputs.matmul_kernel(
+                heads_out.reshape(batch, seq, -1), self.o_proj[...].reshape(-1, x.shape[-1]),
+                residual=x, epilogue="residual",
+            )  # fmt: skip
+        else:
+            out = linear("bthd,hde->bte", heads_out, self.o_proj[...])
+            if self.use_bias:
+                out = out + self.o_bias[...]
+            out = x + out
         return out, LayerResult(cache, attention, q, k)
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), the gate and up projections one
-    array `gate_up_proj` [E, 2, F] (one matmul)."""
+    """SwiGLU feed-forward added to the residual stream: x + down(silu(gate(h)) * up(h)) for
+    h = norm(x), the gate and up projections one array `gate_up_proj` [E, 2, F] (one
+    matmul)."""
 
     def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs):
         embed, ffn = config.hidden_size, config.intermediate_size
@@ -245,13 +278,21 @@ class MLP(nnx.Module):
             self.down_bias = nnx.Param(jnp.zeros((embed,), dtype))
         self.use_bias = config.mlp_bias
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, E] -> [B, T, E]
-        gate_up = linear("bte,euf->btuf", x, self.gate_up_proj[...])
+    def __call__(
+        self, x: jax.Array, norm: RMSNorm, matmul_kernel: Callable | None
+    ) -> jax.Array:  # [B, T, E] -> [B, T, E]
+        if matmul_kernel is not None:
+            hidden = matmul_kernel(
+                x, self.gate_up_proj[...], norm_weight=norm.weight[...], eps=norm.eps,
+                epilogue="swiglu",
+            )  # fmt: skip
+            return matmul_kernel(hidden, self.down_proj[...], residual=x, epilogue="residual")
+        gate_up = linear("bte,euf->btuf", norm(x), self.gate_up_proj[...])
         if self.use_bias:
             gate_up = gate_up + self.gate_up_bias[...]
         hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
         out = linear("btf,fe->bte", hidden, self.down_proj[...])
-        return out + self.down_bias[...] if self.use_bias else out
+        return x + (out + self.down_bias[...] if self.use_bias else out)
 
 
 class DecoderLayer(nnx.Module):
@@ -265,17 +306,26 @@ class DecoderLayer(nnx.Module):
     def __call__(
         self, x: jax.Array, layer_index: int, cache: LayerCache | None, inputs: LayerInputs
     ) -> tuple[jax.Array, LayerResult]:  # x: [B, T, E]
-        attn_out, result = self.self_attn(self.input_layernorm(x), layer_index, cache, inputs)
-        x = x + attn_out
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x, result = self.self_attn(x, layer_index, cache, inputs, self.input_layernorm)
+        x = self.mlp(x, self.post_attention_layernorm, inputs.matmul_kernel)
         return x, result
 
 
 class Llama(nnx.Module):
-    """A Llama causal language model (`LlamaForCausalLM`'s architecture)."""
+    """A Llama causal language model (`LlamaForCausalLM`'s architecture).
 
-    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    `matmul_mode` (one of MATMUL_MODES; static, part of the graph definition) says how
+    steps of at most 16 tokens (`decode_matmul.MAX_ROWS`) multiply.
+    """
+
+    def __init__(
+        self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
+        matmul_mode: str = "auto",
+    ):  # fmt: skip
+        if matmul_mode not in MATMUL_MODES:
+            raise ValueError(f"{matmul_mode=} must be one of {MATMUL_MODES}")
         self.config = config
+        self.matmul_mode = matmul_mode
         self.embed_tokens = _param(rngs, (config.vocab_size, config.hidden_size), dtype)
         self.layers = nnx.List(
             [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
@@ -287,6 +337,34 @@ class Llama(nnx.Module):
     @property
     def dtype(self) -> jnp.dtype:
         return self.embed_tokens[...].dtype
+
+    def matmul_kernel(
+        self, rows: int, has_cache: bool, backend: str, attend: Attend
+    ) -> Callable | None:
+        """`decode_matmul` where a forward of `rows` tokens runs its projections fused, else
+        None: steps over a cache of at most 16 rows (`decode_matmul.MAX_ROWS`), no biases
+        (the kernel has none), and no mesh splitting the heads (XLA partitions its own
+        matmuls, not a Pallas call)."""
+        config = self.config
+        embed, ffn = config.hidden_size, config.intermediate_size
+        heads_width = config.num_attention_heads * config.head_dim
+        qkv_width = heads_width + 2 * config.num_key_value_heads * config.head_dim
+        if (
+            self.matmul_mode == "off"
+            or not has_cache
+            or config.attention_bias
+            or config.mlp_bias
+            or attend is not attention_lib.attend
+            or not all(
+                decode_matmul_supports(rows, k, n)
+                for k, n in ((embed, qkv_width), (heads_width, embed), (embed, ffn), (ffn, embed))
+            )
+        ):
+            return None
+        if self.matmul_mode == "interpret":
+            return functools.partial(decode_matmul, interpret=True)
+        on_gpu = resolve_backend(backend) == "pallas"
+        return decode_matmul if on_gpu and self.dtype in _HALF_DTYPES else None
 
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache in the model's dtype."""
@@ -358,6 +436,7 @@ class Llama(nnx.Module):
             attend=attend,
             backend=backend,
             summary_layers=summary_layers,
+            matmul_kernel=self.matmul_kernel(batch * seq, cache is not None, backend, attend),
         )
         x = jnp.take(self.embed_tokens[...], tokens, axis=0)
         results = []
