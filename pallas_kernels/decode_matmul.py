@@ -113,7 +113,8 @@ def _kernel(
     out = accs[0].astype(x_ref.dtype)
     if epilogue == "swiglu":
         up = accs[1].astype(x_ref.dtype)
-        out = jax.nn.silu(out.astype(jnp.float32)).astype(x_ref.dtype) * up
+        gate = out.astype(jnp.float32)
+        out = (gate / (1.0 + jnp.exp(-gate))).astype(x_ref.dtype) * up  # silu(gate) * up
     columns = jnp.arange(block_n, dtype=jnp.int32)
     if residual_ref is not None:
         residual = pltriton.load(

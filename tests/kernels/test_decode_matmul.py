@@ -65,6 +65,8 @@ class DecodeMatmulCases(KernelTestBase):
     @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
     @pytest.mark.parametrize("case", CASES, ids=str)
     def test_matches_reference(self, case, dtype):
+        if self.INTERPRET and dtype == jnp.float16:
+            pytest.skip("interpret mode covers bf16; the GPU class both half types")
         k_dim, n_dim = self.dims(case.epilogue)
         x, w, kwargs = make_inputs(jax.random.key(case.rows), case, k_dim, n_dim, dtype)
         out = dm.decode_matmul(x, w, interpret=self.INTERPRET, **kwargs)
