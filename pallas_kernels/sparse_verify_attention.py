@@ -301,9 +301,21 @@ def _sparse_verify_attention_unbatched(
         scores = extra[-1][:, :rows, :seq_len]  # [H_kv, M, S]
         probs = jnp.exp2(scores - m_max[..., None]) / denominator[..., None]
         probs = probs.reshape(num_kv_heads, num_queries, q_heads_per_kv_head, seq_len)
-        read = selection_mask(
-            block_indices[None], block_count, context_length, num_queries, seq_len, granularity
-        )[0]  # [T, S]
+        if contiguous:  # the context's first block_count * g positions, then the new tokens
+            positions = jnp.arange(seq_len)
+            context = positions < jnp.minimum(block_count[0] * granularity, context_length[0])
+            offset = positions[None, :] - context_length[0]
+            new = (offset >= 0) & (offset <= jnp.arange(num_queries)[:, None])
+            read = context[None, :] | new  # [T, S]
+        else:
+            read = selection_mask(
+                block_indices[None],
+                block_count,
+                context_length,
+                num_queries,
+                seq_len,
+                granularity,
+            )[0]  # [T, S]
         results.append(jnp.where(read, probs.mean(axis=(0, 2)), 0.0))  # f32[T, S]
     return results[0] if len(results) == 1 else tuple(results)
 
@@ -403,9 +415,10 @@ def sparse_verify_attention(
         each query over the positions it read (zero elsewhere; each row sums to 1). The
         kernel writes the logits of the rows it loads, so the summary costs one f32 per
         (query head, position read), not a second pass over the keys.
-      contiguous: the caller promises that each row's list is blocks 0, 1, ...,
-        block_counts[b] - 1 in order (`dense_block_list`), so the kernel reads the context
-        rows in order without looking their ids up (the dense read).
+      contiguous: each row's list is blocks 0, 1, ..., block_counts[b] - 1 in order, so
+        the kernel reads the context rows in order and `block_indices` is not read (any
+        i32[B, N >= 1]: `dense_verify_attention` passes one column, which no kernel
+        before this one has to write).
       interpret, debug: forwarded to `pallas_call`.
 
     Returns:
@@ -420,8 +433,10 @@ def sparse_verify_attention(
     rows_padded = max(16, next_power_of_2(num_queries * (num_heads // num_kv_heads)))
     if block_sizes is None:
         block_sizes = BlockSizes.get_default(rows_per_head=rows_padded, head_dim=head_dim)
+    # The most context rows a sequence's list can hold.
+    num_slots = cdiv(k_cache.shape[1], granularity) if contiguous else block_indices.shape[1]
     num_splits = block_sizes.num_splits or default_num_splits(
-        batch, num_kv_heads, block_indices.shape[1] * granularity, block_sizes.block_k
+        batch, num_kv_heads, num_slots * granularity, block_sizes.block_k
     )
     impl = functools.partial(
         _sparse_verify_attention_unbatched,
@@ -477,6 +492,8 @@ def dense_verify_attention(
     order (`contiguous`) where `reads_in_order` says that is faster."""
     indices, counts = dense_block_list(context_lengths, k_cache.shape[1], granularity)
     contiguous = reads_in_order(q.shape[0], q.shape[2], k_cache.shape[2])
+    if contiguous:  # the ids are not read
+        indices = jnp.zeros((q.shape[0], 1), jnp.int32)
     return sparse_verify_attention(
         q, k_cache, v_cache, indices, counts, context_lengths, granularity=granularity,
         contiguous=contiguous, **kwargs,

@@ -286,7 +286,8 @@ class SparseVerifyAttentionCases(KernelTestBase):
     def test_summary_is_head_mean_probabilities_over_what_was_read(self, num_queries, dtype, dense):
         """The kernel's summary equals the head-mean of softmax probabilities computed
         independently (float64, over the explicit positions read), sums to 1 per row, is zero
-        elsewhere, and stays finite with NaN in every row not read."""
+        elsewhere, and stays finite with NaN in every row not read; dense, through the read
+        in order that the model's dense layers use."""
         num_heads, num_kv_heads = self.heads("32/8")
         seq_len, granularity = self.seq_len(), 16
         lengths, wanted = self.ragged_lengths(num_queries)
@@ -300,10 +301,16 @@ class SparseVerifyAttentionCases(KernelTestBase):
         read = readable_positions(indices, counts, lengths, num_queries, seq_len, granularity)
         keep = jnp.asarray(read)[:, :, None, None]
         k_nan, v_nan = jnp.where(keep, k, jnp.nan), jnp.where(keep, v, jnp.nan)
-        out, summary = pk.sparse_verify_attention(
-            q, k_nan, v_nan, indices, counts, lengths, granularity=granularity,
-            return_summary=True, interpret=self.INTERPRET,
-        )  # fmt: skip
+        if dense:  # the model's dense read: in order (grouped heads), no block list
+            out, summary = pk.dense_verify_attention(
+                q, k_nan, v_nan, lengths, granularity=granularity, return_summary=True,
+                interpret=self.INTERPRET,
+            )  # fmt: skip
+        else:
+            out, summary = pk.sparse_verify_attention(
+                q, k_nan, v_nan, indices, counts, lengths, granularity=granularity,
+                return_summary=True, interpret=self.INTERPRET,
+            )  # fmt: skip
         assert summary.shape == (4, num_queries, seq_len) and summary.dtype == jnp.float32
         assert bool(jnp.isfinite(summary).all()) and bool(jnp.isfinite(out).all())
         # Independent: float64 probabilities over each query's own positions.
