@@ -55,7 +55,8 @@ def make_inputs(key, case: Case, k_dim: int, n_dim: int, dtype):
 
 
 class DecodeMatmulCases(KernelTestBase):
-    """GPU: a TinyLlama-shaped layer (K = 2048, N = 2560 or F = 5632); interpret: K = 384, N = 128."""
+    """GPU: a TinyLlama-shaped layer (K = 2048, N = 2560 or F = 5632); interpret: K = 384,
+    N = 128."""
 
     def dims(self, epilogue):
         if self.INTERPRET:
