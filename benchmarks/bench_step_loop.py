@@ -83,8 +83,8 @@ def main(argv=None) -> int:
     parser.add_argument("--loop", type=int, default=20, help="phases per device loop")
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument(
-        "--matmul-mode", default="auto", choices=MATMUL_MODES,
-        help="how steps multiply: fused decode_matmul kernels (auto) or XLA (off)",
+        "--matmul-mode", default="xla", choices=MATMUL_MODES,
+        help="how steps multiply: XLA (the model's default) or the fused decode_matmul kernels",
     )  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="toy shapes: a CPU smoke run")
     args = parser.parse_args(argv)

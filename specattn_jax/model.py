@@ -54,10 +54,13 @@ from specattn_jax.cache import KVCache, LayerCache
 from specattn_jax.config import LlamaConfig
 
 # How a step over a cache of at most 16 tokens (`decode_matmul.MAX_ROWS`) multiplies, by
-# `Llama.matmul_mode`: "auto", the fused `pallas_kernels.decode_matmul` kernels on a CUDA GPU
-# for bf16/f16 weights; "off", XLA op by op; "interpret", the kernels in Pallas interpret
-# mode (tests on CPU).
-MATMUL_MODES = ("auto", "off", "interpret")
+# `Llama.matmul_mode`: "xla" (the default), op by op; "fused", the fused
+# `pallas_kernels.decode_matmul` kernels on a CUDA GPU for bf16/f16 weights; "interpret",
+# those kernels in Pallas interpret mode (tests on CPU). The fused kernels are not the
+# default: on an H100 they made a TinyLlama draft phase at 32K 1.14x and a Llama-2-7B decode
+# step at 4K 1.16x slower (`benchmarks/bench_step_loop.py --matmul-mode`), their fewer
+# launches outweighed by matmuls below XLA's (`benchmarks/bench_decode_matmul.py`).
+MATMUL_MODES = ("xla", "fused", "interpret")
 
 _INIT_STD = 0.02
 _HALF_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -320,7 +323,7 @@ class Llama(nnx.Module):
 
     def __init__(
         self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
-        matmul_mode: str = "auto",
+        matmul_mode: str = "xla",
     ):  # fmt: skip
         if matmul_mode not in MATMUL_MODES:
             raise ValueError(f"{matmul_mode=} must be one of {MATMUL_MODES}")
@@ -350,7 +353,7 @@ class Llama(nnx.Module):
         heads_width = config.num_attention_heads * config.head_dim
         qkv_width = heads_width + 2 * config.num_key_value_heads * config.head_dim
         if (
-            self.matmul_mode == "off"
+            self.matmul_mode == "xla"
             or not has_cache
             or config.attention_bias
             or config.mlp_bias

@@ -96,11 +96,11 @@ class DecodeMatmulCases(KernelTestBase):
         """A decode (1 token) and a verify (5 tokens) step of a bf16 model, batch 2, with the
         fused kernels against the same model multiplying op by op in XLA: the kernels run
         (four a layer), and the logits and cache agree."""
-        mode = "interpret" if self.INTERPRET else "auto"
+        mode = "interpret" if self.INTERPRET else "fused"
         fused = tiny_llama(seed=3, dtype=jnp.bfloat16, num_layers=2, num_kv_heads=2)
         fused.matmul_mode = mode
         plain = tiny_llama(seed=3, dtype=jnp.bfloat16, num_layers=2, num_kv_heads=2)
-        plain.matmul_mode = "off"
+        plain.matmul_mode = "xla"
         calls = []
         kernel = model_lib.decode_matmul
 
