@@ -6,6 +6,9 @@ Public ops:
   sparse_verify_attention_dispatch / dense_block_list / use_verify_kernel
   scatter_rows (a row-batched scatter that XLA partitions over rows without gathers),
   compact_blocks (a block mask to a compacted block list), GRANULARITIES, FILL_INDEX
+  pallas_kernels.decode_matmul (a module, not re-exported): a step's projections with the
+    RMSNorm, residual add and SwiGLU fused in, and its reference; opt-in, measured slower
+    than XLA (see the module and `specattn_jax.model.MATMUL_MODES`)
 
 Backend switch: every `*_dispatch` op takes backend="auto" | "pallas" | "reference";
 "auto" runs the Pallas kernel when `default_backend()` is "pallas" (a CUDA GPU) and the jnp
