@@ -10,10 +10,11 @@ in both vocabularies).
 Sections (`--sections`, each a table and a JSON part):
   prefill  time to first token: `generate`'s own prefill-and-first-token program, whole or in
            chunks, against `LlamaForCausalLM` (sdpa) on the same prompt, and peak memory;
-  decode   autoregressive decoding of `--new-tokens` tokens after the prefill, one jitted
-           `generate` call, timed per token as the whole call less the same stopped at half
-           the tokens, against its byte limit (weights plus live KV per token over copy
-           bandwidth) and HF's `generate` with a static cache, timed the same way;
+  decode   autoregressive decoding of `--new-tokens` tokens after the prefill, timed per
+           token as `generate`'s decode loop from a prefilled state less the same stopped at
+           half the tokens (`time_generate`), against its byte limit (weights plus live KV
+           per token over copy bandwidth) and HF's `generate` with a static cache (a whole
+           call less one stopped at half: its prefill is in both);
   speculative  autoregressive, dense speculative and SpecAttn decoding end to end (one jitted
            `generate` each; both pairs at batch 1, the 7B pair also in a ragged batch of
            4), their step times, peak memory and the split of a step (draft, select,
@@ -59,6 +60,7 @@ from specattn_jax.speculative import (
     SpecConfig,
     SpecState,
     _generate,
+    _jit_decode_loop,
     _jit_prefill,
     _merge,
     _Run,
@@ -242,44 +244,62 @@ def time_generate(
     draft, verifier, prompts, config, new_tokens: int, repeats: int
 ) -> tuple[dict, SpecState, _Run]:
     """Wall seconds of one jitted `generate` (prefill, then `new_tokens` greedy tokens per
-    prompt, no EOS), and of the same compiled program stopped at half the tokens (a smaller
-    token budget, which is traced); their difference over the steps between them is the
-    time of a step, with the prefill and the program's fixed costs cancelled.
+    prompt, no EOS), and the time of a step: `generate`'s decode loop alone, from one
+    prefilled state (copied for each call), run for all the tokens and stopped at half of
+    them (a smaller token budget, which is traced); their difference over the steps between
+    them is a step, with the loop's fixed costs cancelled and no prefill in either (at 128K,
+    a prefill's run-to-run noise swamps the steps).
 
-    Returns (the timings with the run's statistics, its final state, its `_Run`, whose
-    caches are spent)."""
+    Returns (the timings with the run's statistics, the full loop's final state, the
+    `_Run`, whose caches are spent)."""
+    run = _setup(draft, verifier, prompts, config, new_tokens, *[None] * 5)
+
+    def fresh_caches():  # `generate` donates its caches; run.caches stay for the prefill
+        args = run.prefill_args
+        return ((*args[:4], jax.tree.map(jnp.copy, run.caches), *args[5:]),)
+
+    def whole(args):
+        jax.block_until_ready(_generate(*args, run.selector).progress.output)
+
+    generate_s = wall_median(whole, repeats=repeats, prepare=fresh_caches)
+    prefilled = _jit_prefill(*run.prefill_args)
     last = {}
 
-    def setup(budget: int = new_tokens):
-        run = _setup(draft, verifier, prompts, config, new_tokens, *[None] * 5)
-        return (dataclasses.replace(run, budgets=jnp.full_like(run.budgets, budget)),)
+    def loop_from_prefill(budget: int):  # a copy: the loop donates its state
+        state = jax.tree.map(jnp.copy, prefilled)
+        budgets = jnp.full_like(state.progress.budgets, budget)
+        progress = dataclasses.replace(state.progress, budgets=budgets)
+        return (dataclasses.replace(state, progress=progress),)
 
-    def whole(run):
-        state = _generate(*run.prefill_args, run.selector)
-        jax.block_until_ready(state.progress.output)
-        last.update(state=state, run=run)
+    def loop(state):
+        final = _jit_decode_loop(run.decoder, run.params, run.rule, run.selector, state,
+                                 run.max_new)  # fmt: skip
+        jax.block_until_ready(final.progress.output)
+        last["state"] = final
 
-    half = wall_median(whole, repeats=repeats, prepare=lambda: setup(new_tokens // 2))
+    half = wall_median(loop, repeats=repeats, prepare=lambda: loop_from_prefill(new_tokens // 2))
     half_steps = int(last["state"].step)
-    total = wall_median(whole, repeats=repeats, prepare=setup, warm_up=False)
-    stats = spec_stats(last["state"], **last["run"].stats_context)
+    total = wall_median(loop, repeats=repeats, prepare=lambda: loop_from_prefill(new_tokens),
+                        warm_up=False)  # fmt: skip
+    stats = spec_stats(last["state"], **run.stats_context)
     assert stats["tokens"] == new_tokens * len(prompts), stats["tokens"]
     timing = {
-        "generate_s": total,
-        "half_generate_s": half,
+        "generate_s": generate_s,
+        "loop_s": total,
+        "half_loop_s": half,
         "steps": stats["steps"],
         "step_ms": 1e3 * (total - half) / (stats["steps"] - half_steps),
-        "tokens_per_s_wall": stats["tokens"] / total,
+        "tokens_per_s_wall": stats["tokens"] / generate_s,
         "tokens_per_step": stats["tokens_per_step"],
         "kv_reduction": stats["kv_reduction"],
     }
-    return timing, last["state"], last["run"]
+    return timing, last["state"], run
 
 
 def hf_decode(model, prompt, new_tokens: int) -> dict:
     """HF `generate` with a static cache, greedy, exactly `new_tokens` tokens, against the
-    same stopped at half the tokens: wall seconds of both, and the difference per token (as
-    `time_generate` times ours)."""
+    same stopped at half the tokens: wall seconds of both, and the difference per token (its
+    prefill, in both, cancels)."""
     import torch
 
     ids = torch.tensor([prompt], device="cuda")
@@ -645,7 +665,7 @@ def print_tables(report: dict) -> None:
     if report.get("decode"):
         _table(
             "Autoregressive decode, Llama-2-7B shape, ms per token (the second half of the "
-            "tokens: a whole generate less one stopped at half)",
+            "tokens: the decode loop from a prefilled state less one stopped at half)",
             ["context", "ours", "byte limit", "fraction", "HF static cache"],
             [
                 [str(r["context"]), _fmt(r.get("decode_ms_per_token"), 2),

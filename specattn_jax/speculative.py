@@ -480,16 +480,27 @@ def prefill(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("decoder", "max_new"), donate_argnames=("caches",))
-def _generate(decoder, params, tokens, lengths, caches, rule, key, budgets, max_new, selector):
-    """The prefill and every step in one program: `lax.while_loop` until all are done."""
-    state = prefill(decoder, params, tokens, lengths, caches, rule, key, budgets, max_new)
+def decode_loop(
+    decoder: Decoder, params: Pair, rule: AcceptanceRule, selector: Selector | None,
+    state: SpecState, max_new: int,
+) -> SpecState:  # fmt: skip
+    """Every step from a prefilled `state`, in one `lax.while_loop` until all are done."""
     step = functools.partial(spec_step, decoder, params, rule, selector)
     return run_to_completion(step, state, max_steps=max_new)
 
 
+@functools.partial(jax.jit, static_argnames=("decoder", "max_new"), donate_argnames=("caches",))
+def _generate(decoder, params, tokens, lengths, caches, rule, key, budgets, max_new, selector):
+    """The prefill and every step in one program."""
+    state = prefill(decoder, params, tokens, lengths, caches, rule, key, budgets, max_new)
+    return decode_loop(decoder, params, rule, selector, state, max_new)
+
+
 _jit_prefill = jax.jit(prefill, static_argnames=("decoder", "max_new"), donate_argnames=("caches",))
 _jit_step = jax.jit(spec_step, static_argnames=("decoder",), donate_argnames=("state",))
+_jit_decode_loop = jax.jit(
+    decode_loop, static_argnames=("decoder", "max_new"), donate_argnames=("state",)
+)
 
 
 def check_compatible(draft: Llama, verifier: Llama, draft_tokenizer=None, verifier_tokenizer=None):
