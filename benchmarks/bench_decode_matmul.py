@@ -27,30 +27,29 @@ import jax.numpy as jnp
 from bench_generate import LLAMA2_7B, TINYLLAMA_1B, shrunk
 
 import pallas_kernels.decode_matmul as dm
-from specattn_jax.model import linear
+from specattn_jax.model import linear, projection_shapes, rms_norm
 
 _L2_BYTES = 64 << 20
 
 
+# Each projection's (epilogue, whether an RMSNorm comes first), as the model fuses them.
+_FUSED = {
+    "qkv": (None, True),
+    "o": ("residual", False),
+    "gate_up": ("swiglu", True),
+    "down": ("residual", False),
+}
+
+
 def layer_matmuls(config) -> list[tuple[str, int, int, str | None, bool]]:
     """A layer's projections: (name, K, N, epilogue, whether an RMSNorm comes first)."""
-    embed, ffn = config.hidden_size, config.intermediate_size
-    heads = config.num_attention_heads * config.head_dim
-    qkv = heads + 2 * config.num_key_value_heads * config.head_dim
-    return [
-        ("qkv", embed, qkv, None, True),
-        ("o", heads, embed, "residual", False),
-        ("gate_up", embed, ffn, "swiglu", True),
-        ("down", ffn, embed, "residual", False),
-    ]
+    return [(name, k, n, *_FUSED[name]) for name, (k, n) in projection_shapes(config).items()]
 
 
 def xla_path(x, w, norm_weight=None, residual=None, *, epilogue, eps):
     """The model's XLA ops for one projection (`model.linear`, with its doubled decode row)."""
-    if norm_weight is not None:  # model.RMSNorm's arithmetic
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-        x = norm_weight * normed.astype(x.dtype)
+    if norm_weight is not None:
+        x = rms_norm(x, norm_weight, eps)
     if epilogue == "swiglu":
         gate_up = linear("bte,euf->btuf", x, w)
         return jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]

@@ -475,8 +475,13 @@ def dense_block_list(
     num_blocks = cdiv(seq_len, granularity)
     batch = context_lengths.shape[0]
     indices = jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.int32), (batch, num_blocks))
+    return indices, dense_block_counts(context_lengths, seq_len, granularity)
+
+
+def dense_block_counts(context_lengths: jax.Array, seq_len: int, granularity: int) -> jax.Array:
+    """i32[B] blocks of `granularity` that each row's context spans (at most ceil(S / g))."""
     counts = (context_lengths.astype(jnp.int32) + granularity - 1) // granularity
-    return indices, jnp.minimum(counts, num_blocks)
+    return jnp.minimum(counts, cdiv(seq_len, granularity))
 
 
 def dense_verify_attention(
@@ -490,10 +495,12 @@ def dense_verify_attention(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Dense verify: `sparse_verify_attention` with every context block selected, read in
     order (`contiguous`) where `reads_in_order` says that is faster."""
-    indices, counts = dense_block_list(context_lengths, k_cache.shape[1], granularity)
     contiguous = reads_in_order(q.shape[0], q.shape[2], k_cache.shape[2])
-    if contiguous:  # the ids are not read
+    if contiguous:  # the ids are not read: one column stands for them
         indices = jnp.zeros((q.shape[0], 1), jnp.int32)
+        counts = dense_block_counts(context_lengths, k_cache.shape[1], granularity)
+    else:
+        indices, counts = dense_block_list(context_lengths, k_cache.shape[1], granularity)
     return sparse_verify_attention(
         q, k_cache, v_cache, indices, counts, context_lengths, granularity=granularity,
         contiguous=contiguous, **kwargs,

@@ -94,9 +94,29 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., E] -> [..., E]
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * normed.astype(x.dtype)
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:  # [..., E]
+    """`weight * (x * rsqrt(mean(x^2) + eps))`, in f32, rounded to x's dtype before the
+    weight multiplies it."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * normed.astype(x.dtype)
+
+
+def projection_shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
+    """A layer's projections as [K, N] matmuls: "qkv" (fused q, k, v), "o", "gate_up" (N is
+    F, for each of gate and up) and "down"."""
+    embed, ffn = config.hidden_size, config.intermediate_size
+    heads_width = config.num_attention_heads * config.head_dim
+    qkv_width = heads_width + 2 * config.num_key_value_heads * config.head_dim
+    return {
+        "qkv": (embed, qkv_width),
+        "o": (heads_width, embed),
+        "gate_up": (embed, ffn),
+        "down": (ffn, embed),
+    }
 
 
 def rope_inverse_frequencies(config: LlamaConfig) -> jax.Array:
@@ -349,9 +369,6 @@ class Llama(nnx.Module):
         (the kernel has none), and no mesh splitting the heads (XLA partitions its own
         matmuls, not a Pallas call)."""
         config = self.config
-        embed, ffn = config.hidden_size, config.intermediate_size
-        heads_width = config.num_attention_heads * config.head_dim
-        qkv_width = heads_width + 2 * config.num_key_value_heads * config.head_dim
         if (
             self.matmul_mode == "xla"
             or not has_cache
@@ -359,8 +376,7 @@ class Llama(nnx.Module):
             or config.mlp_bias
             or attend is not attention_lib.attend
             or not all(
-                decode_matmul_supports(rows, k, n)
-                for k, n in ((embed, qkv_width), (heads_width, embed), (embed, ffn), (ffn, embed))
+                decode_matmul_supports(rows, k, n) for k, n in projection_shapes(config).values()
             )
         ):
             return None
