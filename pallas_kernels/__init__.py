@@ -6,6 +6,8 @@ Public ops:
   sparse_verify_attention_dispatch / dense_block_list / use_verify_kernel
   scatter_rows (a row-batched scatter that XLA partitions over rows without gathers),
   compact_blocks (a block mask to a compacted block list), GRANULARITIES, FILL_INDEX
+  pallas_kernels.cache_write (a module, not re-exported): a step's new keys and values
+    into the KV cache, one in-place launch for both; the model's write on a GPU
   pallas_kernels.decode_matmul (a module, not re-exported): a step's projections with the
     RMSNorm, residual add and SwiGLU fused in, and its reference; opt-in, measured slower
     than XLA (see the module and `specattn_jax.model.MATMUL_MODES`)

@@ -12,9 +12,11 @@ ascending); ids outside the context select nothing.
 
 The kernel is built for bandwidth: one program reads the K/V rows of one KV head for all `M`
 query rows at once (the G query heads and T positions stacked into the matrix dimension), and
-the selected list is split across `num_splits` programs per (batch, KV head), whose partial
-softmax states are merged by a log-sum-exp combine, so one sequence fills the GPU. Rows are
-gathered through the index list (a block of g rows is contiguous in the cache).
+the selected list is split across `num_splits` programs per (batch, KV head), so one sequence
+fills the GPU; a second kernel merges their partial softmax states (log-sum-exp) into the
+output. Both kernels address q and the output in their own [T, H, D] layout, so no transpose,
+pad or cast runs around them. Rows are gathered through the index list (a block of g rows is
+contiguous in the cache).
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def default_num_splits(batch: int, num_kv_heads: int, max_rows: int, block_k: in
 
 
 def sparse_verify_attention_kernel(
-    q_ref,  # [M_pad, D] query rows of one KV head, row m = t * G + g (zero padding)
+    q_ref,  # [T * H, D] every query (row t * H + head), in q's dtype
     k_ref,  # [S, D] keys of that KV head
     v_ref,  # [S, D] values of that KV head
     indices_ref,  # [N] selected block ids
@@ -102,6 +104,7 @@ def sparse_verify_attention_kernel(
     num_splits: int,
     num_queries: int,
     q_heads_per_kv_head: int,
+    num_heads: int,
     mask_value: float,
     return_reads: bool,
     return_scores: bool,
@@ -109,16 +112,21 @@ def sparse_verify_attention_kernel(
 ):
     read_ref = extra_refs[0] if return_reads else None
     scores_ref = extra_refs[-1] if return_scores else None
-    split = pl.program_id(1)
+    kv_head, split = pl.program_id(0), pl.program_id(1)
     seq_len, head_dim = k_ref.shape
-    rows = q_ref.shape[0]
+    rows = o_ref.shape[0]
     count = count_ref[0]
     length = length_ref[0]
     log2_granularity = log2_exact(granularity)
     dims = jnp.arange(head_dim, dtype=jnp.int32)
     scale = sm_scale * _LOG2_E  # softmax in base 2
 
-    q = q_ref[...]  # [M_pad, D]
+    # This KV head's query rows, m = t * G + g, gathered from q's own layout; rows past
+    # T * G are zero.
+    q_rows, q_valid = query_rows(kv_head, rows, num_queries, q_heads_per_kv_head, num_heads)
+    q = pltriton.load(
+        q_ref.at[q_rows[:, None], dims[None, :]], mask=q_valid[:, None], other=0.0
+    ).astype(k_ref.dtype)  # [M_pad, D]
 
     def step(carry, positions, valid, visible):
         """Online-softmax update with K/V rows at positions (valid lanes loaded only)."""
@@ -205,6 +213,43 @@ def sparse_verify_attention_kernel(
         read_ref[...] = jnp.full((rows,), rows_loaded, jnp.int32)
 
 
+def query_rows(kv_head, rows: int, num_queries: int, q_heads_per_kv_head: int, num_heads: int):
+    """For stacked row m = t * G + g of KV head h, in [0, rows): its row t * H + h * G + g of
+    the queries [T * H, D], clipped in range, and whether m < T * G (a real query)."""
+    m = jnp.arange(rows, dtype=jnp.int32)
+    token, group = lax.div(m, q_heads_per_kv_head), lax.rem(m, q_heads_per_kv_head)
+    valid = m < num_queries * q_heads_per_kv_head
+    row = token * num_heads + kv_head * q_heads_per_kv_head + group
+    return jnp.where(valid, row, 0), valid
+
+
+def combine_splits_kernel(
+    o_ref,  # [splits, D] f32 unnormalised outputs of one stacked query row, per split
+    l_ref,  # [splits] f32 softmax denominators
+    m_ref,  # [splits] f32 running maxima (log2 units)
+    out_ref,  # [T * H, D] the attention output, in q's dtype
+    *,
+    num_queries: int,
+    q_heads_per_kv_head: int,
+    num_heads: int,
+):
+    """The last round of flash decoding: row m = t * G + g of KV head h merges its splits'
+    softmax states and writes query (t, h * G + g) of the output in its own layout."""
+    kv_head, stacked_row = pl.program_id(0), pl.program_id(1)
+    num_splits, head_dim = o_ref.shape
+    splits = jnp.arange(next_power_of_2(num_splits), dtype=jnp.int32)
+    in_range = splits < num_splits
+    dims = jnp.arange(head_dim, dtype=jnp.int32)
+    m = pltriton.load(m_ref.at[splits], mask=in_range, other=DEFAULT_MASK_VALUE)
+    weight = jnp.where(in_range, jnp.exp2(m - jnp.max(m)), 0.0)
+    denominator = jnp.sum(weight * pltriton.load(l_ref.at[splits], mask=in_range, other=0.0))
+    o = pltriton.load(o_ref.at[splits[:, None], dims[None, :]], mask=in_range[:, None], other=0.0)
+    out = jnp.sum(o * weight[:, None], axis=0) / (denominator + jnp.finfo(jnp.float32).eps)
+    token = lax.div(stacked_row, q_heads_per_kv_head)
+    head = kv_head * q_heads_per_kv_head + lax.rem(stacked_row, q_heads_per_kv_head)
+    pltriton.store(out_ref.at[token * num_heads + head, dims], out.astype(out_ref.dtype))
+
+
 def _sparse_verify_attention_unbatched(
     q,  # [T, H, D]
     k_cache,  # [S, H_kv, D]
@@ -233,11 +278,7 @@ def _sparse_verify_attention_unbatched(
     rows = num_queries * q_heads_per_kv_head
     rows_padded = max(16, next_power_of_2(rows))
     block_new = max(16, next_power_of_2(num_queries))
-
-    # [T, H_kv, G, D] -> [H_kv, T * G, D], zero-padded to M_pad rows.
-    q_rows = q.reshape(num_queries, num_kv_heads, q_heads_per_kv_head, head_dim)
-    q_rows = q_rows.transpose(1, 0, 2, 3).reshape(num_kv_heads, rows, head_dim)
-    q_rows = jnp.pad(q_rows, ((0, 0), (0, rows_padded - rows), (0, 0))).astype(k_cache.dtype)
+    flat_q = q.reshape(num_queries * num_heads, head_dim)  # a bitcast: the kernel gathers rows
 
     kernel = functools.partial(
         sparse_verify_attention_kernel,
@@ -248,6 +289,7 @@ def _sparse_verify_attention_unbatched(
         num_splits=num_splits,
         num_queries=num_queries,
         q_heads_per_kv_head=q_heads_per_kv_head,
+        num_heads=num_heads,
         mask_value=mask_value,
         return_reads=return_reads,
         return_scores=return_summary,
@@ -268,7 +310,7 @@ def _sparse_verify_attention_unbatched(
         kernel,
         grid=(num_kv_heads, num_splits),
         in_specs=[
-            pl.BlockSpec((None, rows_padded, head_dim), lambda h, s: (h, 0, 0)),  # q
+            pl.BlockSpec(flat_q.shape, lambda h, s: (0, 0)),  # q, every row
             pl.BlockSpec((seq_len, None, head_dim), lambda h, s: (0, h, 0)),  # k_cache
             pl.BlockSpec((seq_len, None, head_dim), lambda h, s: (0, h, 0)),  # v_cache
             pl.BlockSpec((num_slots,), lambda h, s: (0,)),  # block_indices
@@ -281,23 +323,37 @@ def _sparse_verify_attention_unbatched(
         interpret=interpret,
         debug=debug,
         name=f"sparse_verify_attention_{granularity=}_{block_k=}_{num_splits=}_{contiguous=}",
-    )(q_rows, k_cache, v_cache, block_indices, block_count, context_length)
+    )(flat_q, k_cache, v_cache, block_indices, block_count, context_length)
 
-    # Final round of flash: merge the splits (in log2 units).
-    o, l, m = o[:, :, :rows], l[:, :, :rows], m[:, :, :rows]
-    m_max = m.max(axis=1)  # [H_kv, M]
-    weight = jnp.exp2(m - m_max[:, None])  # [H_kv, splits, M]
-    denominator = (l * weight).sum(axis=1)  # [H_kv, M]
-    out = (o * weight[..., None]).sum(axis=1)  # [H_kv, M, D]
-    out = out / (denominator[..., None] + jnp.finfo(jnp.float32).eps)
-    out = out.reshape(num_kv_heads, num_queries, q_heads_per_kv_head, head_dim)
-    out = out.transpose(1, 0, 2, 3).reshape(num_queries, num_heads, head_dim).astype(q.dtype)
+    out = pl.pallas_call(
+        functools.partial(
+            combine_splits_kernel,
+            num_queries=num_queries,
+            q_heads_per_kv_head=q_heads_per_kv_head,
+            num_heads=num_heads,
+        ),
+        grid=(num_kv_heads, rows),
+        in_specs=[
+            pl.BlockSpec((None, num_splits, None, head_dim), lambda h, r: (h, 0, r, 0)),  # o
+            pl.BlockSpec((None, num_splits, None), lambda h, r: (h, 0, r)),  # l
+            pl.BlockSpec((None, num_splits, None), lambda h, r: (h, 0, r)),  # m
+        ],
+        out_specs=pl.BlockSpec(flat_q.shape, lambda h, r: (0, 0)),
+        out_shape=jax.ShapeDtypeStruct(flat_q.shape, q.dtype),
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        debug=debug,
+        name=f"sparse_verify_attention_combine_{num_splits=}",
+    )(o, l, m).reshape(q.shape)
     results = [out]
     if return_reads:
         results.append(extra[0][:, :, 0].sum(axis=1))  # i32[H_kv] rows loaded over the splits
     if return_summary:
-        # Normalise the logits with the merged softmax state; positions the kernel did not
-        # read (never written) are masked by the selection.
+        # Normalise the logits with the merged softmax state (log2 units); positions the
+        # kernel did not read (never written) are masked by the selection.
+        l, m = l[:, :, :rows], m[:, :, :rows]
+        m_max = m.max(axis=1)  # [H_kv, M]
+        denominator = (l * jnp.exp2(m - m_max[:, None])).sum(axis=1)  # [H_kv, M]
         scores = extra[-1][:, :rows, :seq_len]  # [H_kv, M, S]
         probs = jnp.exp2(scores - m_max[..., None]) / denominator[..., None]
         probs = probs.reshape(num_kv_heads, num_queries, q_heads_per_kv_head, seq_len)

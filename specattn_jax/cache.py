@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import scatter_rows
+from pallas_kernels.cache_write import write_new_rows
 from specattn_jax.config import LlamaConfig
 
 
@@ -45,10 +46,19 @@ class LayerCache:
         positions: jax.Array,  # i32[B, T]
         k: jax.Array,  # [B, T, H_kv, D]
         v: jax.Array,  # [B, T, H_kv, D]
+        *,
+        kernel: bool = False,
     ) -> LayerCache:
         """The cache with token t of row b written at `positions[b, t]` (positions past the
         cache dropped). Batched over rows, so a cache split over devices by row or head is
-        written in place, with no gather."""
+        written in place, with no gather.
+
+        kernel: each row's positions are consecutive (a model step): write keys and values
+        in one launch of `pallas_kernels.cache_write` (a CUDA GPU; no mesh, which XLA
+        cannot partition a Pallas call over) instead of XLA's two scatters.
+        """
+        if kernel:
+            return LayerCache(*write_new_rows(self.k, self.v, positions[:, 0], k, v))
         return LayerCache(scatter_rows(self.k, positions, k), scatter_rows(self.v, positions, v))
 
 

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pallas_kernels import resolve_backend
+from pallas_kernels.cache_write import supports as cache_write_supports
 from pallas_kernels.decode_matmul import decode_matmul
 from pallas_kernels.decode_matmul import supports as decode_matmul_supports
 from specattn_jax import attention as attention_lib
@@ -168,6 +169,8 @@ class LayerInputs:
       summary_layers: the layers that report head-mean attention probabilities.
       matmul_kernel: `decode_matmul` (the RMSNorms, residual adds and SwiGLU fused into the
         four projections) where this forward runs it, else None (XLA, op by op).
+      write_kernel: whether the cache write is `pallas_kernels.cache_write` (one launch for
+        keys and values) rather than XLA's scatters.
     """
 
     positions: jax.Array
@@ -179,6 +182,7 @@ class LayerInputs:
     backend: str
     summary_layers: tuple[int, ...]
     matmul_kernel: Callable | None = None
+    write_kernel: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,7 +261,7 @@ class Attention(nnx.Module):
             keys, read = LayerCache(k, v), inputs.self_read
         else:
             with jax.named_scope("cache_update"):
-                cache = keys = cache.write(inputs.positions, k, v)
+                cache = keys = cache.write(inputs.positions, k, v, kernel=inputs.write_kernel)
             read = DENSE
             if inputs.plan is not None:
                 with jax.named_scope("select"):
@@ -385,6 +389,20 @@ class Llama(nnx.Module):
         on_gpu = resolve_backend(backend) == "pallas"
         return decode_matmul if on_gpu and self.dtype in _HALF_DTYPES else None
 
+    def write_kernel(
+        self, tokens: int, cache: KVCache | None, backend: str, attend: Attend
+    ) -> bool:
+        """Whether a forward of `tokens` per row writes its cache with the
+        `pallas_kernels.cache_write` kernel: a step (at most 16 tokens) on the kernel backend
+        (a CUDA GPU), with no mesh (XLA partitions its own scatters, not a Pallas call)."""
+        return (
+            cache is not None
+            and tokens <= attention_lib.MAX_KERNEL_TOKENS
+            and attend is attention_lib.attend
+            and resolve_backend(backend) == "pallas"
+            and cache_write_supports(tokens, cache.max_len, self.config.head_dim)
+        )
+
     def init_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache in the model's dtype."""
         return KVCache.init(self.config, batch_size, max_len, self.dtype)
@@ -456,6 +474,7 @@ class Llama(nnx.Module):
             backend=backend,
             summary_layers=summary_layers,
             matmul_kernel=self.matmul_kernel(batch * seq, cache is not None, backend, attend),
+            write_kernel=self.write_kernel(seq, cache, backend, attend),
         )
         x = jnp.take(self.embed_tokens[...], tokens, axis=0)
         results = []
