@@ -104,12 +104,13 @@ def kernel_summary(
 
 def profile(
     name: str, phase, inputs, state, args, report: dict, *, iterations: int = 1,
-    in_loop: bool = False,
+    in_loop: bool = False, calls: int | None = None,
 ):  # fmt: skip
-    """Traces `state = phase(inputs, state)`, jitted with the state donated, and adds its
-    summary to `report`; returns the state (donated buffers move on with it). A call that
-    runs a loop of `iterations` steps is reported per step, its kernels outside the loop
-    left out (`in_loop`)."""
+    """Traces `calls` (default --steps) calls of `state = phase(inputs, state)`, jitted with
+    the state donated, and adds its summary to `report`; returns the state (donated buffers
+    move on with it). A call that runs a loop of `iterations` steps is reported per step,
+    its kernels outside the loop left out (`in_loop`)."""
+    calls = calls or args.steps
     step = jax.jit(phase, donate_argnums=1)
     compiled_hlo = step.lower(inputs, state).compile().as_text()
     ops = source_ops(compiled_hlo)
@@ -121,13 +122,13 @@ def profile(
     trace_dir = Path(args.trace_dir or tempfile.mkdtemp()) / name
     with jax.profiler.trace(str(trace_dir)):
         start = time.perf_counter()
-        for _ in range(args.steps):
+        for _ in range(calls):
             state = step(inputs, state)
         jax.block_until_ready(state)
-        wall = (time.perf_counter() - start) / args.steps
+        wall = (time.perf_counter() - start) / calls
     row = {"wall_ms_per_call": 1e3 * wall, "steps_per_call": iterations}
     try:
-        row["gpu"] = kernel_summary(trace_dir, args.steps * iterations, args.top, ops, in_loop)
+        row["gpu"] = kernel_summary(trace_dir, calls * iterations, args.top, ops, in_loop)
     except (ValueError, OSError, KeyError) as error:
         row["trace_error"] = f"{type(error).__name__}: {error}"
     report[name] = row
@@ -164,9 +165,12 @@ def profile_generate(graphdef, params, args) -> dict:
         return Pair(None, verifier_cache.with_lengths(jnp.zeros_like(verifier_cache.lengths)))
 
     report = {}
+    # One traced call: a loop of many steps is tens of thousands of kernels, and the trace of
+    # five calls on an H100 (2026-12-05) summed to 272 us a step, a fraction of a step's
+    # kernels (events lost, it seems; one call was not tried there).
     profile(
         f"generate_ar_{args.generate_context}", phase, run.params, run.caches, args, report,
-        iterations=args.generate_tokens - 1, in_loop=True,
+        iterations=args.generate_tokens - 1, in_loop=True, calls=1,
     )  # fmt: skip
     return report
 
