@@ -64,6 +64,12 @@ def scatter_rows(target: jax.Array, index: jax.Array, values: jax.Array) -> jax.
     return jax.vmap(write_row)(target, index, values)
 
 
+def is_block_dim(n: int) -> bool:
+    """Whether n can be a tile dimension of these kernels: a power of two >= 16 (Triton's
+    `arange` and `dot` shapes)."""
+    return n >= 16 and not n & (n - 1)
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (and >= 1)."""
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels._common import next_power_of_2
+from pallas_kernels._common import is_block_dim, next_power_of_2
 
 # Most new tokens per write (a step's; prefill writes through XLA's scatter).
 MAX_NEW = 16
@@ -28,12 +28,7 @@ MAX_NEW = 16
 def supports(num_new: int, seq_len: int, head_dim: int) -> bool:
     """Whether the kernel writes this shape: 1..MAX_NEW new rows (their power-of-two lane
     count fitting the cache) of a head dim that is a power of two >= 16."""
-    return (
-        0 < num_new <= MAX_NEW
-        and next_power_of_2(num_new) <= seq_len
-        and head_dim >= 16
-        and not head_dim & (head_dim - 1)
-    )
+    return 0 < num_new <= MAX_NEW and next_power_of_2(num_new) <= seq_len and is_block_dim(head_dim)
 
 
 def _wrap(x: jax.Array, n: int) -> jax.Array:

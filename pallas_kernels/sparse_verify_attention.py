@@ -36,6 +36,7 @@ from pallas_kernels._common import (
     cdiv,
     cdiv_dynamic,
     check_granularity,
+    is_block_dim,
     log2_exact,
     next_power_of_2,
     resolve_backend,
@@ -213,13 +214,20 @@ def sparse_verify_attention_kernel(
         read_ref[...] = jnp.full((rows,), rows_loaded, jnp.int32)
 
 
+def query_row(kv_head, stacked_row, q_heads_per_kv_head: int, num_heads: int):
+    """The row t * H + h * G + g of the queries [T * H, D] (and of the output) that stacked
+    row m = t * G + g of KV head h stands for (elementwise)."""
+    token = lax.div(stacked_row, q_heads_per_kv_head)
+    group = lax.rem(stacked_row, q_heads_per_kv_head)
+    return token * num_heads + kv_head * q_heads_per_kv_head + group
+
+
 def query_rows(kv_head, rows: int, num_queries: int, q_heads_per_kv_head: int, num_heads: int):
-    """For stacked row m = t * G + g of KV head h, in [0, rows): its row t * H + h * G + g of
-    the queries [T * H, D], clipped in range, and whether m < T * G (a real query)."""
+    """For stacked rows m in [0, rows) of KV head h: their `query_row`, clipped in range, and
+    whether m < T * G (a real query)."""
     m = jnp.arange(rows, dtype=jnp.int32)
-    token, group = lax.div(m, q_heads_per_kv_head), lax.rem(m, q_heads_per_kv_head)
     valid = m < num_queries * q_heads_per_kv_head
-    row = token * num_heads + kv_head * q_heads_per_kv_head + group
+    row = query_row(kv_head, m, q_heads_per_kv_head, num_heads)
     return jnp.where(valid, row, 0), valid
 
 
@@ -229,7 +237,6 @@ def combine_splits_kernel(
     m_ref,  # [splits] f32 running maxima (log2 units)
     out_ref,  # [T * H, D] the attention output, in q's dtype
     *,
-    num_queries: int,
     q_heads_per_kv_head: int,
     num_heads: int,
 ):
@@ -245,9 +252,8 @@ def combine_splits_kernel(
     denominator = jnp.sum(weight * pltriton.load(l_ref.at[splits], mask=in_range, other=0.0))
     o = pltriton.load(o_ref.at[splits[:, None], dims[None, :]], mask=in_range[:, None], other=0.0)
     out = jnp.sum(o * weight[:, None], axis=0) / (denominator + jnp.finfo(jnp.float32).eps)
-    token = lax.div(stacked_row, q_heads_per_kv_head)
-    head = kv_head * q_heads_per_kv_head + lax.rem(stacked_row, q_heads_per_kv_head)
-    pltriton.store(out_ref.at[token * num_heads + head, dims], out.astype(out_ref.dtype))
+    row = query_row(kv_head, stacked_row, q_heads_per_kv_head, num_heads)
+    pltriton.store(out_ref.at[row, dims], out.astype(out_ref.dtype))
 
 
 def _sparse_verify_attention_unbatched(
@@ -328,7 +334,6 @@ def _sparse_verify_attention_unbatched(
     out = pl.pallas_call(
         functools.partial(
             combine_splits_kernel,
-            num_queries=num_queries,
             q_heads_per_kv_head=q_heads_per_kv_head,
             num_heads=num_heads,
         ),
@@ -384,7 +389,7 @@ def _per_program_block(shape: tuple[int, ...]) -> pl.BlockSpec:
 
 def kernel_supports(head_dim: int) -> bool:
     """Whether the kernel handles this head dim (a power of two >= 16, for `pltriton.dot`)."""
-    return head_dim >= 16 and not head_dim & (head_dim - 1)
+    return is_block_dim(head_dim)
 
 
 def _check_inputs(q, k_cache, v_cache, block_indices, block_counts, context_lengths, granularity):

@@ -393,11 +393,11 @@ class Llama(nnx.Module):
         self, tokens: int, cache: KVCache | None, backend: str, attend: Attend
     ) -> bool:
         """Whether a forward of `tokens` per row writes its cache with the
-        `pallas_kernels.cache_write` kernel: a step (at most 16 tokens) on the kernel backend
-        (a CUDA GPU), with no mesh (XLA partitions its own scatters, not a Pallas call)."""
+        `pallas_kernels.cache_write` kernel: a step (at most `cache_write.MAX_NEW` = 16
+        tokens, its `supports`) on the kernel backend (a CUDA GPU), with no mesh (XLA
+        partitions its own scatters, not a Pallas call)."""
         return (
             cache is not None
-            and tokens <= attention_lib.MAX_KERNEL_TOKENS
             and attend is attention_lib.attend
             and resolve_backend(backend) == "pallas"
             and cache_write_supports(tokens, cache.max_len, self.config.head_dim)
