@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import gzip
 import json
 import re
@@ -39,7 +40,7 @@ from flax import nnx
 from specattn_jax.attention import attend
 from specattn_jax.model import MATMUL_MODES, Llama
 from specattn_jax.selection import SpecAttnSelector
-from specattn_jax.speculative import Pair, SpecConfig, _generate, _setup
+from specattn_jax.speculative import SpecConfig, _jit_prefill, _setup, decode_loop
 
 _HLO_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name="([^"]*)"')
 
@@ -55,12 +56,8 @@ def source_ops(compiled_hlo: str) -> dict[str, str]:
     return ops
 
 
-def kernel_summary(
-    trace_dir: Path, steps: int, top: int, ops: dict[str, str], in_loop: bool = False
-) -> dict:
-    """GPU kernel time per step from the newest `*.trace.json.gz` under `trace_dir`
-    (`in_loop`: only the kernels of a `while` loop's body, and the Pallas kernels, whose
-    names the HLO does not hold)."""
+def kernel_summary(trace_dir: Path, steps: int, top: int, ops: dict[str, str]) -> dict:
+    """GPU kernel time per step from the newest `*.trace.json.gz` under `trace_dir`."""
     trace_file = max(trace_dir.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
     with gzip.open(trace_file, "rt") as f:
         events = json.load(f)["traceEvents"]
@@ -78,8 +75,6 @@ def kernel_summary(
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for e in events:
         if e.get("ph") != "X" or "GPU" not in process_names.get(e["pid"], ""):
-            continue
-        if in_loop and "while/body" not in ops.get(e["name"], "while/body"):
             continue
         line = thread_names.get((e["pid"], e["tid"]), str(e["tid"]))
         lines[line][e["name"]] += e.get("dur", 0.0)
@@ -104,12 +99,13 @@ def kernel_summary(
 
 def profile(
     name: str, phase, inputs, state, args, report: dict, *, iterations: int = 1,
-    in_loop: bool = False, calls: int | None = None,
+    calls: int | None = None,
 ):  # fmt: skip
     """Traces `calls` (default --steps) calls of `state = phase(inputs, state)`, jitted with
     the state donated, and adds its summary to `report`; returns the state (donated buffers
-    move on with it). A call that runs a loop of `iterations` steps is reported per step,
-    its kernels outside the loop left out (`in_loop`)."""
+    move on with it). A call that runs a loop of `iterations` steps is reported per step.
+    Its kernels outside the loop count too: keep them few (the summary cannot tell them
+    apart, as a kernel's op name often lacks the loop's scope)."""
     calls = calls or args.steps
     step = jax.jit(phase, donate_argnums=1)
     compiled_hlo = step.lower(inputs, state).compile().as_text()
@@ -128,7 +124,7 @@ def profile(
         wall = (time.perf_counter() - start) / calls
     row = {"wall_ms_per_call": 1e3 * wall, "steps_per_call": iterations}
     try:
-        row["gpu"] = kernel_summary(trace_dir, calls * iterations, args.top, ops, in_loop)
+        row["gpu"] = kernel_summary(trace_dir, calls * iterations, args.top, ops)
     except (ValueError, OSError, KeyError) as error:
         row["trace_error"] = f"{type(error).__name__}: {error}"
     report[name] = row
@@ -147,30 +143,30 @@ def profile(
 
 
 def profile_generate(graphdef, params, args) -> dict:
-    """The kernels of one step of `generate`'s loop, autoregressive (Llama-2-7B shape, a
-    random prompt of --generate-context tokens, --generate-tokens new tokens): what the
+    """The kernels of a step of `generate`'s decode loop, autoregressive (Llama-2-7B shape, a
+    random prompt of --generate-context tokens, --generate-tokens new tokens), traced as the
+    loop alone from one prefilled state (so every kernel in the trace is the loop's): what the
     loop runs beyond the decode forward shows beside `decode_*`."""
     verifier = nnx.merge(graphdef, params)
     prompt = jax.random.randint(
         jax.random.key(1), (args.generate_context,), 0, verifier.config.vocab_size
     ).tolist()
     run = _setup(None, verifier, [prompt], SpecConfig(), args.generate_tokens, *[None] * 5)
+    prefilled = _jit_prefill(*run.prefill_args)
+    initial = dataclasses.replace(prefilled, caches=None)  # each call starts from it
 
-    def phase(params, caches):
-        state = _generate(
-            run.decoder, params, run.tokens, run.lengths, caches, run.rule, run.key,
-            run.budgets, run.max_new, run.selector,
+    def phase(inputs, caches):
+        params, initial = inputs
+        final = decode_loop(
+            run.decoder, params, run.rule, run.selector,
+            dataclasses.replace(initial, caches=caches), run.max_new,
         )  # fmt: skip
-        verifier_cache = state.caches.verifier
-        return Pair(None, verifier_cache.with_lengths(jnp.zeros_like(verifier_cache.lengths)))
+        return final.caches
 
     report = {}
-    # One traced call: a loop of many steps is tens of thousands of kernels, and the trace of
-    # five calls on an H100 (2026-12-05) summed to 272 us a step, a fraction of a step's
-    # kernels (events lost, it seems; one call was not tried there).
     profile(
-        f"generate_ar_{args.generate_context}", phase, run.params, run.caches, args, report,
-        iterations=args.generate_tokens - 1, in_loop=True, calls=1,
+        f"generate_ar_{args.generate_context}", phase, (run.params, initial),
+        prefilled.caches, args, report, iterations=args.generate_tokens - 1, calls=2,
     )  # fmt: skip
     return report
 
@@ -180,7 +176,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="profile_step.json")
     parser.add_argument("--trace-dir", help="keep the raw traces here")
     parser.add_argument("--hlo-dir", help="write each step's compiled HLO here")
-    parser.add_argument("--draft-context", type=int, default=32768)
+    parser.add_argument("--draft-context", type=int, default=32768, help="0: skip")
     parser.add_argument("--decode-contexts", default="4096,32768")
     parser.add_argument("--gamma", type=int, default=4)
     parser.add_argument("--generate-context", type=int, default=4096, help="0: skip")
@@ -205,30 +201,33 @@ def main(argv=None) -> int:
     key = jax.random.key(0)
 
     draft_config, verifier_config = shape(TINYLLAMA_1B), shape(LLAMA2_7B)
-    d_graph, d_params = nnx.split(
-        Llama(draft_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(1), matmul_mode=args.matmul_mode)
-    )
     tokens = jax.random.randint(key, (1, args.gamma + 1), 0, draft_config.vocab_size)
-    lengths = jnp.full((1,), args.draft_context, jnp.int32)
-    num_layers = verifier_config.num_hidden_layers
-    selector = SpecAttnSelector(
-        attn_p=jnp.float32(0.97),
-        mapping=tuple(j * draft_config.num_hidden_layers // num_layers for j in range(num_layers)),
-        granularity=16,
-    )
-    draft_state = (_random_cache(draft_config, 1, size, args.draft_context, key), None)
-    for name, layers in (("draft", ()), ("draft_summaries", selector.draft_layers)):
-        draft_state = profile(
-            f"{name}_{args.draft_context}",
-            lambda inputs, state, layers=layers: _draft_step(
-                d_graph, *inputs[:2], state[0], *inputs[2:], args.gamma, layers
-            ),
-            (d_params, tokens, lengths, key),
-            draft_state,
-            args,
-            report,
+    if args.draft_context:
+        d_graph, d_params = nnx.split(
+            Llama(draft_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(1), matmul_mode=args.matmul_mode)
         )
-    del draft_state
+        lengths = jnp.full((1,), args.draft_context, jnp.int32)
+        num_layers = verifier_config.num_hidden_layers
+        selector = SpecAttnSelector(
+            attn_p=jnp.float32(0.97),
+            mapping=tuple(
+                j * draft_config.num_hidden_layers // num_layers for j in range(num_layers)
+            ),
+            granularity=16,
+        )
+        draft_state = (_random_cache(draft_config, 1, size, args.draft_context, key), None)
+        for name, layers in (("draft", ()), ("draft_summaries", selector.draft_layers)):
+            draft_state = profile(
+                f"{name}_{args.draft_context}",
+                lambda inputs, state, layers=layers: _draft_step(
+                    d_graph, *inputs[:2], state[0], *inputs[2:], args.gamma, layers
+                ),
+                (d_params, tokens, lengths, key),
+                draft_state,
+                args,
+                report,
+            )
+        del draft_state
 
     v_graph, v_params = nnx.split(
         Llama(verifier_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), matmul_mode=args.matmul_mode)
