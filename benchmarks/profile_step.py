@@ -57,7 +57,9 @@ def source_ops(compiled_hlo: str) -> dict[str, str]:
 
 
 def kernel_summary(trace_dir: Path, steps: int, top: int, ops: dict[str, str]) -> dict:
-    """GPU kernel time per step from the newest `*.trace.json.gz` under `trace_dir`."""
+    """GPU kernel time per step from the newest `*.trace.json.gz` under `trace_dir`, and the
+    GPU's idle time between them: per step, and summed by the kernel the GPU waited for (a
+    wait before a kernel is time the host took to launch it, or a sync before it)."""
     trace_file = max(trace_dir.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
     with gzip.open(trace_file, "rt") as f:
         events = json.load(f)["traceEvents"]
@@ -71,27 +73,46 @@ def kernel_summary(trace_dir: Path, steps: int, top: int, ops: dict[str, str]) -
         for e in events
         if e.get("ph") == "M" and e.get("name") == "thread_name"
     }
-    lines: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    kernels: dict[str, list[tuple[float, float, str]]] = collections.defaultdict(list)
     for e in events:
         if e.get("ph") != "X" or "GPU" not in process_names.get(e["pid"], ""):
             continue
         line = thread_names.get((e["pid"], e["tid"]), str(e["tid"]))
-        lines[line][e["name"]] += e.get("dur", 0.0)
-        counts[line][e["name"]] += 1
+        kernels[line].append((e["ts"], e.get("dur", 0.0), e["name"]))
     summary = {}
-    for line, durations in lines.items():
+    for line, timeline in kernels.items():
+        timeline.sort()
+        durations, counts = collections.Counter(), collections.Counter()
+        waits, wait_counts = collections.Counter(), collections.Counter()
+        busy_until = timeline[0][0]
+        for start, duration, name in timeline:
+            durations[name] += duration
+            counts[name] += 1
+            if start > busy_until:
+                waits[name] += start - busy_until
+                wait_counts[name] += 1
+            busy_until = max(busy_until, start + duration)
         summary[line] = {
             "total_us_per_step": sum(durations.values()) / steps,
-            "launches_per_step": sum(counts[line].values()) / steps,
+            "launches_per_step": sum(counts.values()) / steps,
+            "idle_us_per_step": sum(waits.values()) / steps,
             "top": [
                 {
                     "name": name[:160],
                     "op": ops.get(name, "")[-160:],
                     "us_per_step": total / steps,
-                    "launches_per_step": counts[line][name] / steps,
+                    "launches_per_step": counts[name] / steps,
                 }
                 for name, total in durations.most_common(top)
+            ],
+            "top_waits": [
+                {
+                    "before": name[:160],
+                    "op": ops.get(name, "")[-160:],
+                    "us_per_step": total / steps,
+                    "waits_per_step": wait_counts[name] / steps,
+                }
+                for name, total in waits.most_common(top)
             ],
         }
     return summary
@@ -132,12 +153,18 @@ def profile(
     for line, part in row.get("gpu", {}).items():
         print(
             f"  [{line}] {part['total_us_per_step']:.1f} us/step in "
-            f"{part['launches_per_step']:.0f} launches"
+            f"{part['launches_per_step']:.0f} launches, idle {part['idle_us_per_step']:.1f} us"
         )
         for k in part["top"][: args.print_top]:
             print(
                 f"    {k['us_per_step']:9.1f} us  x{k['launches_per_step']:<5.0f} "
                 f"{k['name'][:50]:50} {k['op'][-70:]}"
+            )
+        print("  idle before:")
+        for k in part["top_waits"][: args.print_top // 2]:
+            print(
+                f"    {k['us_per_step']:9.1f} us  x{k['waits_per_step']:<5.1f} "
+                f"{k['before'][:50]:50} {k['op'][-70:]}"
             )
     return state
 
