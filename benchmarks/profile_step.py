@@ -96,26 +96,26 @@ def kernel_summary(trace_dir: Path, steps: int, top: int, ops: dict[str, str]) -
             "total_us_per_step": sum(durations.values()) / steps,
             "launches_per_step": sum(counts.values()) / steps,
             "idle_us_per_step": sum(waits.values()) / steps,
-            "top": [
-                {
-                    "name": name[:160],
-                    "op": ops.get(name, "")[-160:],
-                    "us_per_step": total / steps,
-                    "launches_per_step": counts[name] / steps,
-                }
-                for name, total in durations.most_common(top)
-            ],
-            "top_waits": [
-                {
-                    "before": name[:160],
-                    "op": ops.get(name, "")[-160:],
-                    "us_per_step": total / steps,
-                    "waits_per_step": wait_counts[name] / steps,
-                }
-                for name, total in waits.most_common(top)
-            ],
+            "top": _ranked(durations, counts, "launches_per_step", steps, top, ops),
+            "top_waits": _ranked(waits, wait_counts, "waits_per_step", steps, top, ops),
         }
     return summary
+
+
+def _ranked(
+    times: collections.Counter, counts: collections.Counter, count_key: str, steps: int,
+    top: int, ops: dict[str, str],
+) -> list[dict]:  # fmt: skip
+    """The `top` kernels by time, each with its source op and its time and count per step."""
+    return [
+        {
+            "name": name[:160],
+            "op": ops.get(name, "")[-160:],
+            "us_per_step": total / steps,
+            count_key: counts[name] / steps,
+        }
+        for name, total in times.most_common(top)
+    ]
 
 
 def profile(
@@ -164,7 +164,7 @@ def profile(
         for k in part["top_waits"][: args.print_top // 2]:
             print(
                 f"    {k['us_per_step']:9.1f} us  x{k['waits_per_step']:<5.1f} "
-                f"{k['before'][:50]:50} {k['op'][-70:]}"
+                f"{k['name'][:50]:50} {k['op'][-70:]}"
             )
     return state
 
