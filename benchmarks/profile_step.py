@@ -255,24 +255,28 @@ def main(argv=None) -> int:
                 report,
             )
         del draft_state
-
-    v_graph, v_params = nnx.split(
-        Llama(verifier_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), matmul_mode=args.matmul_mode)
-    )
-    cache = _random_cache(verifier_config, 1, size, max(decode_contexts, default=0), key)
-    state = (cache, None)
-    for context in decode_contexts:
-        context_lengths = jnp.full((1,), context, jnp.int32)
-        state = profile(
-            f"decode_{context}",
-            lambda inputs, state: _decode_step(v_graph, *inputs[:2], state[0], inputs[2], attend),
-            (v_params, tokens, context_lengths),
-            state,
-            args,
-            report,
+    if decode_contexts or args.generate_context:
+        v_graph, v_params = nnx.split(
+            Llama(
+                verifier_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), matmul_mode=args.matmul_mode
+            )
         )
-    if args.generate_context:
-        report.update(profile_generate(v_graph, v_params, args))
+        cache = _random_cache(verifier_config, 1, size, max(decode_contexts, default=0), key)
+        state = (cache, None)
+        for context in decode_contexts:
+            context_lengths = jnp.full((1,), context, jnp.int32)
+            state = profile(
+                f"decode_{context}",
+                lambda inputs, state: _decode_step(
+                    v_graph, *inputs[:2], state[0], inputs[2], attend
+                ),
+                (v_params, tokens, context_lengths),
+                state,
+                args,
+                report,
+            )
+        if args.generate_context:
+            report.update(profile_generate(v_graph, v_params, args))
     Path(args.out).write_text(json.dumps(report, indent=1))
     return 0
 
