@@ -1,13 +1,14 @@
 """Where a decode step's time goes: a profiler trace of the draft phase (TinyLlama-1.1B
-shape) and of one autoregressive step (Llama-2-7B shape), summarised per GPU kernel.
+shape), of one autoregressive step (Llama-2-7B shape) and of a step of `generate`'s decode
+loop (the same, autoregressive), summarised per GPU kernel.
 
 Random bf16 weights and caches of random keys (bench_generate.py's steps): the kernels and
 bytes are those of a real run; only the values differ. For each step, after a warm-up,
 `--steps` calls run under `jax.profiler.trace`; the trace's GPU kernels are grouped by name
-(microseconds and launches per step) beside the wall time per step, so
-the gap between them (launch and host overhead) shows too. Each kernel is named with the
-source op its fusion came from (the HLO metadata's `op_name`, which holds the model's named
-scopes: qkv, rope, cache_update, attention, ...).
+(microseconds and launches per step) beside the wall time per step, and the GPU's idle time
+between kernels is summed by the kernel it waited for (launch and host overhead, and syncs).
+Each kernel is named with the source op its fusion came from (the HLO metadata's `op_name`,
+which holds the model's named scopes: qkv, rope, cache_update, attention, ...).
 
     python benchmarks/profile_step.py --out profile.json [--trace-dir DIR] [--hlo-dir DIR] [--tiny]
 """
