@@ -170,6 +170,51 @@ def profile(
     return state
 
 
+def profile_draft(draft_config, verifier_config, tokens, size: int, key, args, report: dict):
+    """The draft phase (gamma tokens at --draft-context), without and with the attention
+    summaries a 7B verifier's layer map asks of every draft layer."""
+    d_graph, d_params = nnx.split(
+        Llama(draft_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(1), matmul_mode=args.matmul_mode)
+    )
+    lengths = jnp.full((1,), args.draft_context, jnp.int32)
+    num_layers = verifier_config.num_hidden_layers
+    selector = SpecAttnSelector(
+        attn_p=jnp.float32(0.97),
+        mapping=tuple(j * draft_config.num_hidden_layers // num_layers for j in range(num_layers)),
+        granularity=16,
+    )
+    state = (_random_cache(draft_config, 1, size, args.draft_context, key), None)
+    for name, layers in (("draft", ()), ("draft_summaries", selector.draft_layers)):
+        state = profile(
+            f"{name}_{args.draft_context}",
+            lambda inputs, state, layers=layers: _draft_step(
+                d_graph, *inputs[:2], state[0], *inputs[2:], args.gamma, layers
+            ),
+            (d_params, tokens, lengths, key),
+            state,
+            args,
+            report,
+        )
+
+
+def profile_decode(
+    v_graph, v_params, config, tokens, contexts: list[int], size: int, key, args, report: dict
+):
+    """One autoregressive step of the verifier (`config`) at each context, over one cache of
+    random keys."""
+    state = (_random_cache(config, 1, size, max(contexts), key), None)
+    for context in contexts:
+        context_lengths = jnp.full((1,), context, jnp.int32)
+        state = profile(
+            f"decode_{context}",
+            lambda inputs, state: _decode_step(v_graph, *inputs[:2], state[0], inputs[2], attend),
+            (v_params, tokens, context_lengths),
+            state,
+            args,
+            report,
+        )
+
+
 def profile_generate(graphdef, params, args) -> dict:
     """The kernels of a step of `generate`'s decode loop, autoregressive (Llama-2-7B shape, a
     random prompt of --generate-context tokens, --generate-tokens new tokens), traced as the
@@ -194,7 +239,8 @@ def profile_generate(graphdef, params, args) -> dict:
     report = {}
     profile(
         f"generate_ar_{args.generate_context}", phase, (run.params, initial),
-        prefilled.caches, args, report, iterations=args.generate_tokens - 1, calls=2,
+        prefilled.caches, args, report, iterations=args.generate_tokens - 1,
+        calls=2,  # each call is a whole loop: tens of thousands of kernels in the trace
     )  # fmt: skip
     return report
 
@@ -231,51 +277,18 @@ def main(argv=None) -> int:
     draft_config, verifier_config = shape(TINYLLAMA_1B), shape(LLAMA2_7B)
     tokens = jax.random.randint(key, (1, args.gamma + 1), 0, draft_config.vocab_size)
     if args.draft_context:
-        d_graph, d_params = nnx.split(
-            Llama(draft_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(1), matmul_mode=args.matmul_mode)
-        )
-        lengths = jnp.full((1,), args.draft_context, jnp.int32)
-        num_layers = verifier_config.num_hidden_layers
-        selector = SpecAttnSelector(
-            attn_p=jnp.float32(0.97),
-            mapping=tuple(
-                j * draft_config.num_hidden_layers // num_layers for j in range(num_layers)
-            ),
-            granularity=16,
-        )
-        draft_state = (_random_cache(draft_config, 1, size, args.draft_context, key), None)
-        for name, layers in (("draft", ()), ("draft_summaries", selector.draft_layers)):
-            draft_state = profile(
-                f"{name}_{args.draft_context}",
-                lambda inputs, state, layers=layers: _draft_step(
-                    d_graph, *inputs[:2], state[0], *inputs[2:], args.gamma, layers
-                ),
-                (d_params, tokens, lengths, key),
-                draft_state,
-                args,
-                report,
-            )
-        del draft_state
+        profile_draft(draft_config, verifier_config, tokens, size, key, args, report)
     if decode_contexts or args.generate_context:
         v_graph, v_params = nnx.split(
             Llama(
                 verifier_config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), matmul_mode=args.matmul_mode
             )
         )
-        cache = _random_cache(verifier_config, 1, size, max(decode_contexts, default=0), key)
-        state = (cache, None)
-        for context in decode_contexts:
-            context_lengths = jnp.full((1,), context, jnp.int32)
-            state = profile(
-                f"decode_{context}",
-                lambda inputs, state: _decode_step(
-                    v_graph, *inputs[:2], state[0], inputs[2], attend
-                ),
-                (v_params, tokens, context_lengths),
-                state,
-                args,
+        if decode_contexts:
+            profile_decode(
+                v_graph, v_params, verifier_config, tokens, decode_contexts, size, key, args,
                 report,
-            )
+            )  # fmt: skip
         if args.generate_context:
             report.update(profile_generate(v_graph, v_params, args))
     Path(args.out).write_text(json.dumps(report, indent=1))
