@@ -42,6 +42,7 @@ from specattn_jax.loading import ASSETS, load_pretrained
 
 P_VALUES = (0.8, 0.9, 0.95, 0.97, 0.99)
 RECENT_P_VALUES = (0.5, 0.6, 0.7, 0.8, 0.9)
+HISTORY_P_VALUES = (0.7, 0.8, 0.9)
 BUDGETS = (0.1, 0.2, 0.3, 0.5)
 
 
@@ -49,11 +50,14 @@ BUDGETS = (0.1, 0.2, 0.3, 0.5)
 METHODS = tuple(m for m in ALL_METHODS if m != "dense")
 
 
-def settings(p_values, recent_p_values, budgets, methods=METHODS) -> list[tuple[str, float]]:
+def settings(
+    p_values, recent_p_values, budgets, methods=METHODS, history_p_values=HISTORY_P_VALUES
+) -> list[tuple[str, float]]:
     """(method, p or budget) of each row, in the table's order, for the chosen methods."""
     rows = (
         [("specattn", p) for p in p_values]
         + [("specattn_recent", p) for p in recent_p_values]
+        + [("specattn_history", p) for p in history_p_values]
         + [("oracle", p) for p in p_values]
         + [(m, b) for m in BUDGET_METHODS for b in budgets]
     )
@@ -98,6 +102,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--p-values", type=_floats, default=P_VALUES, help="specattn, oracle")
     parser.add_argument("--recent-p-values", type=_floats, default=RECENT_P_VALUES)
+    parser.add_argument("--history-p-values", type=_floats, default=HISTORY_P_VALUES)
     parser.add_argument("--budgets", type=_floats, default=BUDGETS, help="the baselines' budgets")
     parser.add_argument("--quick", action="store_true", help="one short window, few settings")
     parser.add_argument(
@@ -126,8 +131,10 @@ def main(argv=None) -> int:
         args.window, args.prefix, args.num_windows, args.batch_size = 256, 128, 1, 1
         args.recent_window = 32
         p_values, recent_p_values, budgets = (0.9, 1.0), (0.5,), (0.3, 1.0)
+        history_p_values = (0.9,)
     else:
         p_values, recent_p_values, budgets = args.p_values, args.recent_p_values, args.budgets
+        history_p_values = args.history_p_values
 
     verifier, tokenizer = load_pretrained(args.verifier, jnp.float32)
     draft, _ = load_pretrained(args.draft, jnp.float32)
@@ -162,7 +169,8 @@ def main(argv=None) -> int:
         f"gamma {args.gamma}, granularity {args.granularity} (Quest: pages of 16), first "
         f"{args.dense_layers} verifier layers dense; KV reduction measured from the entries "
         f"read. specattn_recent also reads 4 sink and the {args.recent_window} most recent "
-        f"context tokens. "
+        f"context tokens; specattn_history also reads the top-p set of each sparse layer's "
+        f"attention in the last verify (the same p). "
         f"Layer map: {list(factory.get_layer_map().mapping)}."
     )
     report = {
@@ -193,7 +201,7 @@ def main(argv=None) -> int:
         factory,
         windows,
         protocol,
-        settings(p_values, recent_p_values, budgets, methods),
+        settings(p_values, recent_p_values, budgets, methods, history_p_values),
         progress=True,
         on_row=keep,
     )

@@ -140,7 +140,7 @@ class AttentionOutput:
       out: [B, T, H, D] in the queries' dtype.
       kv_read: i32[B] cache positions read per sequence, counted by the path that read them.
       summary: f32[B, T, S] head-mean attention probabilities over the cache (zero where not
-        read; all zero for a sparse read), when asked for.
+        read), when asked for.
     """
 
     out: jax.Array
@@ -159,7 +159,7 @@ class ForwardInfo:
 
     Attributes:
       attention: f32[L', B, T, S] head-mean attention probabilities over cache positions of
-        the L' layers asked for (sparse layers report zeros), else None.
+        the L' layers asked for (a sparse layer's are zero where it did not read), else None.
       kv_read: i32[L, B] cache positions each layer's attention read per sequence, as counted
         by the attention that read them (the selected context, at the granularity read and
         clipped to the context, plus the T new tokens).
@@ -396,19 +396,22 @@ def sparse_attention(
     *,
     granularity: int,
     backend: str = "auto",
-) -> tuple[jax.Array, jax.Array]:
+    return_summary: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Verify attention reading only the selected context blocks plus the new tokens.
 
     The new T tokens sit at positions `context_lengths[b] + t` (already written) and are
-    attended causally whatever the selection. Returns the output [B, T, H, D] and the
-    positions read i32[B]. `backend` picks the Pallas kernel ("pallas"), the jnp reference
-    ("reference"), or the kernel on GPU and the reference elsewhere ("auto").
+    attended causally whatever the selection. Returns the output [B, T, H, D], the
+    positions read i32[B], and if asked the head-mean probabilities f32[B, T, S] over what
+    was read (zero elsewhere). `backend` picks the Pallas kernel ("pallas"), the jnp
+    reference ("reference"), or the kernel on GPU and the reference elsewhere ("auto").
     """
-    out, reads = pallas_kernels.sparse_verify_attention_dispatch(
+    out, reads, *summary = pallas_kernels.sparse_verify_attention_dispatch(
         q, k, v, block_indices, block_counts, context_lengths,
-        granularity=granularity, return_reads=True, backend=backend,
+        granularity=granularity, return_reads=True, return_summary=return_summary,
+        backend=backend,
     )  # fmt: skip
-    return out, _per_sequence(reads)
+    return out, _per_sequence(reads), summary[0] if summary else None
 
 
 def attention_path(
@@ -458,10 +461,8 @@ def attend(
     elif path == "prefill":
         out, kv_read = prefill_attention(q, cache.k, cache.v, context_lengths, backend=backend)
     else:
-        out, kv_read = sparse_attention(
+        out, kv_read, summary = sparse_attention(
             q, cache.k, cache.v, read.block_indices, read.block_counts, context_lengths,
-            granularity=read.granularity, backend=backend,
+            granularity=read.granularity, backend=backend, return_summary=return_summary,
         )  # fmt: skip
-    if return_summary and summary is None:
-        summary = jnp.zeros((q.shape[0], num_new, cache.max_len), jnp.float32)
     return AttentionOutput(out.astype(q.dtype), kv_read, summary)

@@ -447,8 +447,8 @@ class Llama(nnx.Module):
           logits: f32[B, T, V] (or f32[B, 1, V] with `last_logits_only`).
           cache: the cache with the new entries and `lengths + num_tokens` (None without one).
           info: `ForwardInfo`: the head-mean attention probabilities f32[L', B, T, S] over
-            cache positions of the layers `return_attention` names (sparse layers report
-            zeros), and the KV entries each layer read.
+            cache positions of the layers `return_attention` names (a sparse layer's are zero
+            where it did not read), and the KV entries each layer read.
         """
         batch, seq = tokens.shape
         if num_tokens is None:

@@ -89,6 +89,8 @@ class SpecConfig:
         the gamma attention rows, then one selection.
       sinks: leading positions every sparse layer reads.
       recent: most recent context positions every sparse layer reads.
+      history_p: beyond the paper, each sparse layer also reads the top-p set (this mass) of
+        its own attention in the last verify (`SpecAttnSelector.history_p`); None: not.
       layer_map: the calibrated verifier -> draft layer map; None calibrates on the prompts
         (their first `CALIBRATION_TOKENS` tokens each).
       selector: another selection method (a baseline); overrides attn_p.
@@ -102,6 +104,7 @@ class SpecConfig:
     aggregate: str = "union"
     sinks: int = 0
     recent: int = 0
+    history_p: float | None = None
     layer_map: LayerMap | None = None
     selector: Selector | None = None
     backend: str = "auto"
@@ -109,8 +112,12 @@ class SpecConfig:
     def __post_init__(self):
         if not isinstance(self.gamma, int) or self.gamma < 1:
             raise SpecAttnError(f"gamma={self.gamma} must be an integer >= 1")
-        if self.attn_p is not None and not 0 < self.attn_p <= 1:
-            raise SpecAttnError(f"attn_p={self.attn_p} must be in (0, 1]")
+        for name in ("attn_p", "history_p"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise SpecAttnError(f"{name}={value} must be in (0, 1]")
+        if self.history_p is not None and self.attn_p is None:
+            raise SpecAttnError("history_p adds to SpecAttn's selection: set attn_p too")
         if self.aggregate not in AGGREGATES:
             raise SpecAttnError(f"aggregate={self.aggregate!r} must be one of {AGGREGATES}")
         if min(self.dense_layers, self.sinks, self.recent) < 0:
@@ -161,6 +168,7 @@ class SpecConfig:
             sinks=self.sinks,
             recent=self.recent,
             backend=self.backend,
+            history_p=None if self.history_p is None else jnp.float32(self.history_p),
         )
         return selector, origin
 
@@ -197,6 +205,8 @@ class SpecState:
         that logged a row (a dense layer reads at least the new token, so never zero).
       seen: bool[B, V] the tokens each sequence holds (prompt and generated, the pending one
         included), for the sampler's repetition penalty; None without one.
+      verifier_attention: f32[V, B, S] the last verify's attention in the selector's
+        `verifier_layers` (`SelectionInputs.verifier_attention`); None when it reads none.
     """
 
     progress: DecodeProgress
@@ -208,6 +218,7 @@ class SpecState:
     accepted: jax.Array  # i32[B]
     kv_log: jax.Array  # f32[N_steps, L_v + 2, B]
     seen: jax.Array | None = None  # bool[B, V]
+    verifier_attention: jax.Array | None = None  # f32[V, B, S]
 
     @property
     def kv_read(self) -> jax.Array:  # f32[N_steps, L_v]
@@ -340,11 +351,13 @@ def draft_and_plan(
     key: jax.Array,
     gamma: int,
     seen: jax.Array | None = None,  # bool[B, V]
+    verifier_attention: jax.Array | None = None,  # f32[V, B, S]
 ) -> tuple[Drafts, KVCache, AttentionPlan | None]:
     """The first half of a step for sequences of `seq_lengths` tokens whose last two are
     `last_two` (the last one pending), holding the tokens `seen` (for a repetition penalty):
     the drafts (none without a draft), the verifier's cache rolled back to the context
-    before the pending token, and the selector's plan for the verify (None: dense)."""
+    before the pending token, and the selector's plan for the verify (None: dense), made
+    from the drafts' attention and the last verify's `verifier_attention`."""
     verifier_cache = caches.verifier.with_lengths(seq_lengths - 1)
     if draft is None:
         return Drafts.none(len(seq_lengths), verifier_config.vocab_size), verifier_cache, None
@@ -361,6 +374,7 @@ def draft_and_plan(
                 draft_attention=drafts.attention,
                 num_layers=verifier_config.num_hidden_layers,
                 cache_size=verifier_cache.max_len,
+                verifier_attention=verifier_attention,
             )
         )
     return drafts, verifier_cache, plan
@@ -388,7 +402,7 @@ def spec_step(
 
     drafts, verifier_cache, plan = draft_and_plan(
         draft, verifier.config, selector, state.caches, state.last_two, state.seq_lengths,
-        rule, draft_key, gamma, state.seen,
+        rule, draft_key, gamma, state.seen, state.verifier_attention,
     )  # fmt: skip
     drafted = drafts.tokens
     with jax.named_scope("verify"):
@@ -397,6 +411,7 @@ def spec_step(
             verify_tokens,
             verifier_cache,
             plan=plan,
+            return_attention=verifier_layers(selector),
             backend=decoder.backend,
             attend=decoder.verifier_attend,
         )
@@ -416,6 +431,11 @@ def spec_step(
         history = jnp.concatenate([state.last_two, new_tokens], axis=1)
         last_two = jnp.take_along_axis(history, taken[:, None] + jnp.arange(2)[None, :], axis=1)
         seen = mark_seen(state.seen, new_tokens, offsets < taken[:, None])
+        verifier_attention = None
+        if verifier_layers(selector):  # the mean over the rows whose inputs were accepted
+            rows = (offsets <= num_accepted[:, None]).astype(jnp.float32)  # [B, gamma + 1]
+            weights = rows / rows.sum(axis=1, keepdims=True)
+            verifier_attention = jnp.einsum("vbts,bt->vbs", info.attention, weights)
     reads = jnp.concatenate([info.kv_read, info.kv_dense[None], drafts.kv_read[None]])
     step_reads = jnp.where(active, reads.astype(jnp.float32), 0.0)  # [L_v + 2, B]
     draft_cache = None if drafts.cache is None else drafts.cache.with_lengths(seq_lengths - 2)
@@ -429,7 +449,24 @@ def spec_step(
         accepted=state.accepted + jnp.where(active, num_accepted, 0),
         kv_log=jax.lax.dynamic_update_index_in_dim(state.kv_log, step_reads, state.step, 0),
         seen=seen,
+        verifier_attention=verifier_attention,
     )
+
+
+def verifier_layers(selector: Selector | None) -> tuple[int, ...]:
+    """The verifier layers whose attention `selector` reads from the last verify."""
+    return () if selector is None else selector.verifier_layers
+
+
+def with_attention_record(state: SpecState, selector: Selector | None) -> SpecState:
+    """A prefilled `state` with an empty record of the verifier's attention (all zero: no
+    verify yet) when `selector` reads one."""
+    layers = verifier_layers(selector)
+    if not layers:
+        return state
+    cache = state.caches.verifier
+    record = jnp.zeros((len(layers), len(cache.lengths), cache.max_len), jnp.float32)
+    return dataclasses.replace(state, verifier_attention=record)
 
 
 def prefill(
@@ -486,7 +523,7 @@ def decode_loop(
 ) -> SpecState:  # fmt: skip
     """Every step from a prefilled `state`, in one `lax.while_loop` until all are done."""
     step = functools.partial(spec_step, decoder, params, rule, selector)
-    return run_to_completion(step, state, max_steps=max_new)
+    return run_to_completion(step, with_attention_record(state, selector), max_steps=max_new)
 
 
 @functools.partial(jax.jit, static_argnames=("decoder", "max_new"), donate_argnames=("caches",))
@@ -705,7 +742,7 @@ def generate_stream(
         draft, verifier, prompts, config or SpecConfig(), max_new_tokens, cache_size, key,
         eos_id, sampler, mesh, prefill_chunk, stop_token_sequences(tokenizer, stop_strings),
     )  # fmt: skip
-    state = _jit_prefill(*run.prefill_args)
+    state = with_attention_record(_jit_prefill(*run.prefill_args), run.selector)
     step = functools.partial(_jit_step, run.decoder, run.params, run.rule, run.selector)
     so_far: list[list[int]] = [[] for _ in prompts]
     stopped = [False] * len(prompts)

@@ -46,16 +46,21 @@ def test_each_read_takes_its_path(read, backend, num_new, head_dim, summary, pat
     assert attention_path(read, backend, num_new, head_dim, summary) == path
 
 
-def _reference(q, k, v, visible):
-    """float64 GQA attention; visible: bool[B, T, S]."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    group = q.shape[2] // k.shape[2]
-    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+def _reference_probabilities(q, k, visible):
+    """float64 GQA attention probabilities [B, H, T, S]; visible: bool[B, T, S]."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    k = np.repeat(k, q.shape[2] // k.shape[2], axis=2)
     scores = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
     scores = np.where(visible[:, None], scores, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    return np.einsum("bhts,bshd->bthd", probs, v)
+    return probs / probs.sum(-1, keepdims=True)
+
+
+def _reference(q, k, v, visible):
+    """float64 GQA attention; visible: bool[B, T, S]."""
+    v = np.asarray(v, np.float64)
+    v = np.repeat(v, q.shape[2] // v.shape[2], axis=2)
+    return np.einsum("bhts,bshd->bthd", _reference_probabilities(q, k, visible), v)
 
 
 def _inputs(num_new, cache_size, context, seed=0):
@@ -116,7 +121,10 @@ def test_block_read_sees_its_blocks_and_the_new_tokens_only():
         result.out, _reference(q, cache.k, cache.v, visible), rtol=2e-5, atol=2e-5
     )
     assert result.kv_read.tolist() == [8 + num_new, 8 + num_new]
-    assert not np.asarray(result.summary).any()  # a sparse read reports no probabilities
+    # The head-mean probabilities over what was read, zero elsewhere.
+    np.testing.assert_allclose(
+        result.summary, _reference_probabilities(q, cache.k, visible).mean(1), atol=1e-6
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,8 @@
 """Every selection method by name, built the same way for the CLI, the sweep and notebooks.
 
-`value` is the method's one knob: SpecAttn's and the oracle's attention mass p, or the
-baselines' budget (fraction of the context read). Calibrations (the layer map, Double
+`value` is the method's one knob: SpecAttn's and the oracle's attention mass p (for
+"specattn_history", both the draft's and the verifier's last attention's), or the baselines'
+budget (fraction of the context read). Calibrations (the layer map, Double
 Sparsity's channels) come from calibration token sequences, never from the evaluated text.
 """
 
@@ -57,6 +58,7 @@ METHODS = (
     "dense",
     "specattn",
     "specattn_recent",
+    "specattn_history",
     "oracle",
     "quest",
     "double_sparsity",
@@ -113,7 +115,7 @@ class MethodFactory:
             raise SpecAttnError(f"{method} needs {knob} in (0, 1], got {value}")
         value = jnp.float32(value)
         common = dict(dense_layers=self.dense_layers)
-        if method in ("specattn", "specattn_recent"):
+        if method in ("specattn", "specattn_recent", "specattn_history"):
             recent = method == "specattn_recent"
             return SpecAttnSelector(
                 attn_p=value,
@@ -122,6 +124,7 @@ class MethodFactory:
                 sinks=RECENT_SINKS if recent else 0,
                 recent=self.recent_window if recent else 0,
                 backend=self.backend,
+                history_p=value if method == "specattn_history" else None,
                 **common,
             )
         if method == "oracle":

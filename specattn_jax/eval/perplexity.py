@@ -5,8 +5,9 @@ densely, then step through the rest exactly as generation would, but teacher-for
 
   1. the draft re-reads the last two ground-truth tokens and drafts `gamma` tokens of its own
      (greedily), reporting its attention over the context;
-  2. the selector turns that (or, for query-driven baselines, the verifier's own queries)
-     into the verifier's attention plan;
+  2. the selector turns that (or, for query-driven baselines, the verifier's own queries;
+     for a selector that reads it, the verifier's attention in the last verify) into the
+     verifier's attention plan;
   3. the verifier runs on the next `gamma + 1` ground-truth tokens with that plan, and their
      log-likelihoods are scored;
   4. both caches advance by the `gamma + 1` ground-truth tokens (the draft catches up on the
@@ -113,20 +114,29 @@ def _score_windows(graphdefs, params, windows, selector, protocol, backend, veri
     )
     _, draft_cache, _ = draft(windows[:, : prefix - 2], draft.init_cache(batch, size))
     rows = jnp.ones((batch,), jnp.int32)
+    attention_layers = () if selector is None else selector.verifier_layers
+    # The verifier's attention in the last verify, in the layers the selector reads (zero
+    # before the first; None when it reads none).
+    attention_record = None
+    if attention_layers:
+        attention_record = jnp.zeros((len(attention_layers), batch, size), jnp.float32)
 
     def step(carry, index):
-        draft_cache, verifier_cache = carry
+        draft_cache, verifier_cache, attention_record = carry
         ell = prefix + index * (gamma + 1)  # ground-truth tokens known; the last is pending
         last_two = jax.lax.dynamic_slice_in_dim(windows, ell - 2, 2, axis=1)
         drafts, verifier_cache, plan = draft_and_plan(
             draft, verifier.config, selector, Pair(draft_cache, verifier_cache), last_two,
-            rows * ell, rule, jax.random.key(0), gamma,
+            rows * ell, rule, jax.random.key(0), gamma, verifier_attention=attention_record,
         )  # fmt: skip
         draft_cache = drafts.cache
         tokens = jax.lax.dynamic_slice_in_dim(windows, ell - 1, gamma + 2, axis=1)
         logits, verifier_cache, info = verifier(
-            tokens[:, :-1], verifier_cache, plan=plan, backend=backend, attend=verifier_attend
-        )
+            tokens[:, :-1], verifier_cache, plan=plan, return_attention=attention_layers,
+            backend=backend, attend=verifier_attend,
+        )  # fmt: skip
+        if attention_layers:  # every row's input is ground truth: all count
+            attention_record = info.attention.mean(axis=2)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
         if gamma > 1:  # the draft catches up on the ground truth it did not draft
@@ -134,10 +144,10 @@ def _score_windows(graphdefs, params, windows, selector, protocol, backend, veri
             _, draft_cache, _ = draft(tokens[:, 1:gamma], draft_cache, last_logits_only=True)
         read = info.kv_read.sum(axis=1).astype(jnp.float32)
         dense = info.kv_dense.sum().astype(jnp.float32)
-        return (draft_cache, verifier_cache), (nll, read, dense)
+        return (draft_cache, verifier_cache, attention_record), (nll, read, dense)
 
     _, (nll, kv_read, kv_dense) = jax.lax.scan(
-        step, (draft_cache, verifier_cache), jnp.arange(protocol.num_steps)
+        step, (draft_cache, verifier_cache, attention_record), jnp.arange(protocol.num_steps)
     )
     return nll.transpose(1, 0, 2).reshape(batch, -1), kv_read, kv_dense
 

@@ -92,7 +92,7 @@ def merge_reports(reports: Sequence[dict]) -> dict:
     return {**first, "seconds": sum(r["seconds"] for r in reports), "rows": rows}
 
 
-_KNOB = {"specattn": "p", "specattn_recent": "p", "oracle": "p"}
+_KNOB = {"specattn": "p", "specattn_recent": "p", "specattn_history": "p", "oracle": "p"}
 
 
 def setting_label(row: dict) -> str:

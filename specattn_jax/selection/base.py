@@ -29,12 +29,17 @@ class SelectionInputs:
         when it names none.
       num_layers: verifier layers (static).
       cache_size: S, positions per sequence (static).
+      verifier_attention: f32[V, B, S] the verifier's previous verify forward: its queries'
+        mean head-mean attention over the cache positions (zero where that forward did not
+        read; all zero before the first verify), in the V verifier layers of the selector's
+        `verifier_layers`, or None when it names none.
     """
 
     context_lengths: jax.Array  # i32[B]
     draft_attention: jax.Array | None  # f32[A, U, B, S]
     num_layers: int = dataclasses.field(metadata=dict(static=True))
     cache_size: int = dataclasses.field(metadata=dict(static=True))
+    verifier_attention: jax.Array | None = None  # f32[V, B, S]
 
 
 class Selector(Protocol):
@@ -44,6 +49,9 @@ class Selector(Protocol):
     # The draft layers whose attention the selector reads, ascending (empty: none). Only
     # these draft layers compute their attention summaries.
     draft_layers: tuple[int, ...]
+    # The verifier layers whose attention of the previous verify forward the selector reads,
+    # ascending (empty: none). Only these verifier layers compute their summaries.
+    verifier_layers: tuple[int, ...]
 
     def plan(self, inputs: SelectionInputs) -> AttentionPlan | None:
         """The verifier's attention plan for one forward (None: dense everywhere)."""

@@ -94,6 +94,7 @@ class StreamingLLM:
     dense_layers: int = dataclasses.field(default=2, metadata=dict(static=True))
 
     draft_layers = ()
+    verifier_layers = ()
 
     def plan(self, inputs: SelectionInputs) -> AttentionPlan:
         context = inputs.context_lengths[:, None]
@@ -117,6 +118,7 @@ class _QuerySelector:
     `selector(layer, q, k_cache, context_lengths)`)."""
 
     draft_layers = ()
+    verifier_layers = ()
 
     def plan(self, inputs: SelectionInputs) -> AttentionPlan:
         return AttentionPlan(

@@ -5,6 +5,11 @@ map supplies its head-mean attention rows of the gamma drafting queries; each ro
 top-p set (the smallest set with at least `attn_p` of the row's context mass, found by the
 sorting-free threshold search), and the block list is the union over the gamma rows (the
 paper's rule; `aggregate="mean"` averages the rows first and selects once).
+
+Beyond the paper, `history_p` adds the verifier's own view: in each sparse layer, the top-p
+set (mass `history_p`) of that layer's attention in the previous verify forward, over what it
+read then, joins the draft's set. Attention moves slowly from one step to the next, and the
+verifier's rows rank the context as the verifier does, which the draft's only approximate.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import pallas_kernels
 from specattn_jax.attention import AttentionPlan
 from specattn_jax.errors import SpecAttnError
 from specattn_jax.selection.base import SelectionInputs, sparse_layer_flags
-from specattn_jax.selection.blocks import add_forced_blocks, forced_blocks
+from specattn_jax.selection.blocks import add_forced_blocks, blocks_to_mask, forced_blocks
 
 AGGREGATES = ("union", "mean")
 
@@ -35,6 +40,8 @@ class SpecAttnSelector:
     sinks: leading positions always read (static).
     recent: most recent context positions always read (static).
     backend: "auto", "pallas" or "reference" for the top-p kernel (static).
+    history_p: f32[] mass of the verifier's previous attention kept per sparse layer, in
+      (0, 1]; None reads none of it (the paper's SpecAttn).
     """
 
     attn_p: jax.Array
@@ -45,6 +52,15 @@ class SpecAttnSelector:
     sinks: int = dataclasses.field(default=0, metadata=dict(static=True))
     recent: int = dataclasses.field(default=0, metadata=dict(static=True))
     backend: str = dataclasses.field(default="auto", metadata=dict(static=True))
+    history_p: jax.Array | None = None
+
+    @property
+    def verifier_layers(self) -> tuple[int, ...]:
+        """The sparse verifier layers, when the previous verify's attention is read."""
+        if self.history_p is None:
+            return ()
+        sparse_layers = sparse_layer_flags(len(self.mapping), self.dense_layers)
+        return tuple(layer for layer, sparse in enumerate(sparse_layers) if sparse)
 
     @property
     def draft_layers(self) -> tuple[int, ...]:
@@ -61,17 +77,7 @@ class SpecAttnSelector:
         weights = inputs.draft_attention.transpose(2, 1, 0, 3)  # [B, U, A, S]
         if self.aggregate == "mean":
             weights = weights.mean(axis=2, keepdims=True)
-        batch, num_used, num_rows, size = weights.shape
-        rows = batch * num_used
-        _, block_indices, block_counts = pallas_kernels.top_p_select_dispatch(
-            weights.reshape(rows, num_rows, size),
-            jnp.broadcast_to(jnp.asarray(self.attn_p, jnp.float32), (rows,)),
-            jnp.repeat(inputs.context_lengths, num_used),
-            granularity=self.granularity,
-            backend=self.backend,
-        )
-        block_indices = block_indices.reshape(batch, num_used, -1)
-        block_counts = block_counts.reshape(batch, num_used)
+        block_indices, block_counts = self._top_p_blocks(weights, self.attn_p, inputs)
         if self.sinks or self.recent:
             forced = forced_blocks(
                 inputs.context_lengths,
@@ -82,12 +88,45 @@ class SpecAttnSelector:
             )[:, None]  # [B, 1, N]
             block_indices, block_counts = add_forced_blocks(block_indices, block_counts, forced)
         row_of_layer = jnp.array([used.index(f) if f in used else 0 for f in self.mapping])
+        block_indices = block_indices[:, row_of_layer]  # [B, L, N]
+        block_counts = block_counts[:, row_of_layer]  # [B, L]
+        if self.history_p is not None:
+            history = self._history_blocks(inputs, block_indices.shape[-1])
+            block_indices, block_counts = add_forced_blocks(block_indices, block_counts, history)
         return AttentionPlan(
-            block_indices=block_indices[:, row_of_layer].transpose(1, 0, 2),  # [L, B, N]
-            block_counts=block_counts[:, row_of_layer].T,  # [L, B]
+            block_indices=block_indices.transpose(1, 0, 2),  # [L, B, N]
+            block_counts=block_counts.T,  # [L, B]
             granularity=self.granularity,
             sparse_layers=sparse_layers,
         )
+
+    def _top_p_blocks(
+        self, weights: jax.Array, p: jax.Array, inputs: SelectionInputs
+    ) -> tuple[jax.Array, jax.Array]:
+        """The block list (i32[B, R, N], i32[B, R]) of the top-p union over the A rows of each
+        of R groups of weights f32[B, R, A, S]."""
+        batch, groups, num_rows, size = weights.shape
+        _, block_indices, block_counts = pallas_kernels.top_p_select_dispatch(
+            weights.reshape(batch * groups, num_rows, size),
+            jnp.broadcast_to(jnp.asarray(p, jnp.float32), (batch * groups,)),
+            jnp.repeat(inputs.context_lengths, groups),
+            granularity=self.granularity,
+            backend=self.backend,
+        )
+        return block_indices.reshape(batch, groups, -1), block_counts.reshape(batch, groups)
+
+    def _history_blocks(self, inputs: SelectionInputs, num: int) -> jax.Array:
+        """bool[B, L, N]: per verifier layer, the top-p blocks (mass `history_p`) of its
+        previous attention; none in dense layers, or before the first verify."""
+        history = inputs.verifier_attention.transpose(1, 0, 2)  # [B, V, S]
+        block_indices, block_counts = self._top_p_blocks(
+            history[:, :, None], self.history_p, inputs
+        )
+        block_counts = jnp.where(history.sum(-1) > 0, block_counts, 0)
+        selected = blocks_to_mask(block_indices, block_counts, num)  # [B, V, N]
+        batch, num_layers = selected.shape[0], len(self.mapping)
+        per_layer = jnp.zeros((batch, num_layers, num), bool)
+        return per_layer.at[:, jnp.array(self.verifier_layers)].set(selected)
 
 
 def check_granularity(granularity: int, cache_size: int) -> None:
