@@ -177,15 +177,19 @@ def specattn_greedy(
     gamma: int,
     max_new_tokens: int,
     cache_size: int,
+    history_p: float | None = None,
 ) -> SpecAttnRun:
     """Greedy SpecAttn for one sequence, step by step.
 
     Each step re-prefills the draft from scratch, drafts `gamma` tokens and keeps its
     attention rows; every sparse verifier layer j reads the context positions of the blocks
-    holding the union of the top-p sets of draft layer mapping[j]'s rows, plus the new
-    tokens causally; greedy acceptance; the verifier's cache is cut back to the accepted
-    tokens (its entries are those of the forward that fed each token)."""
+    holding the union of the top-p sets of draft layer mapping[j]'s rows (with `history_p`,
+    and the top-p set of layer j's attention in the last verify, averaged over the rows
+    whose tokens were accepted), plus the new tokens causally; greedy acceptance; the
+    verifier's cache is cut back to the accepted tokens (its entries are those of the
+    forward that fed each token)."""
     verifier_cache = verifier.new_cache(cache_size)
+    history = None  # [L_v, S] the last verify's attention
     sequence = list(prompt) + [int(np.argmax(verifier.forward(prompt, verifier_cache).logits[-1]))]
     verifier_reads = np.zeros(len(verifier.layers), np.int64)
     draft_reads = steps = total_accepted = 0
@@ -207,6 +211,8 @@ def specattn_greedy(
             union = np.any(
                 [top_p_positions(row, attn_p, context) for row in rows[:, mapping[layer]]], 0
             )
+            if history_p is not None and history is not None:
+                union |= top_p_positions(history[layer], history_p, context)
             selected = block_positions(union, context, granularity)
             masks[layer] = selected[None, :] | (masks[layer] & (np.arange(cache_size) >= context))
         verifier_cache.length = context
@@ -216,6 +222,7 @@ def specattn_greedy(
         accepted = 0
         while accepted < gamma and drafted[accepted] == greedy[accepted]:
             accepted += 1
+        history = result.attention[:, : accepted + 1].mean(axis=1)
         sequence += drafted[:accepted] + [int(greedy[accepted])]
         steps, total_accepted = steps + 1, total_accepted + accepted
     return SpecAttnRun(

@@ -1,6 +1,7 @@
 """Selectors and the decode-time perplexity protocol: budgets, always-read positions, KV
 reduction from what the attention read, exactness at full budget, the sweep end to end."""
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -19,9 +20,10 @@ from specattn_jax.errors import SpecAttnError
 from specattn_jax.eval import MethodFactory, PerplexityProtocol, decode_time_perplexity
 from specattn_jax.eval.report import merge_reports
 from specattn_jax.model import Llama
-from specattn_jax.selection import SelectionInputs
+from specattn_jax.selection import SelectionInputs, SpecAttnSelector
 from specattn_jax.selection.baselines import QUEST_PAGE
 from specattn_jax.testing import tiny_hf_config
+from tests.reference_llama import top_p_positions
 
 SIZE = 128
 BATCH = 3
@@ -43,9 +45,10 @@ def factory():
 
 @pytest.fixture(scope="module")
 def step_inputs(factory):
-    """A verifier cache of ragged context lengths, its next queries and a draft attention."""
+    """A verifier cache of ragged context lengths, its next queries, a draft attention and
+    the verifier's attention in a last verify (its two sparse layers)."""
     verifier = factory.verifier
-    keys = jax.random.split(jax.random.key(0), 3)
+    keys = jax.random.split(jax.random.key(0), 4)
     context = jnp.array([100, 37, 64], jnp.int32)
     cache = verifier.init_cache(BATCH, SIZE)
     tokens = jax.random.randint(keys[0], (BATCH, SIZE - NUM_NEW), 0, 128)
@@ -56,6 +59,7 @@ def step_inputs(factory):
         draft_attention=draft_attention.astype(jnp.float32),
         num_layers=4,
         cache_size=SIZE,
+        verifier_attention=jax.random.dirichlet(keys[3], jnp.ones(SIZE), (2, BATCH)),
     )
     new_tokens = jax.random.randint(keys[2], (BATCH, NUM_NEW), 0, 128)
     return cache, inputs, new_tokens
@@ -87,6 +91,7 @@ def _cache_after_write(model, cache, new_tokens):
 
 SETTINGS = [
     ("specattn", 0.8),
+    ("specattn_history", 0.8),
     ("oracle", 0.8),
     ("quest", 0.25),
     ("double_sparsity", 0.25),
@@ -139,8 +144,6 @@ def test_streaming_llm_keeps_sinks_and_the_recent_window(factory, step_inputs):
 def test_specattn_sinks_are_always_read(factory, step_inputs):
     _, inputs, _ = step_inputs
     selector = factory.selector("specattn", 0.3)
-    import dataclasses
-
     plan = dataclasses.replace(selector, sinks=8).plan(inputs)
     for layer in (2, 3):
         mask = np.asarray(
@@ -150,6 +153,41 @@ def test_specattn_sinks_are_always_read(factory, step_inputs):
             )
         )  # fmt: skip
         assert mask[:, 0, :8].all()
+
+
+def _positions_read(plan, layer: int, context_lengths) -> np.ndarray:
+    """bool[B, S]: the context positions (and first new token) a layer's first query reads."""
+    indices, counts = plan.block_indices[layer], plan.block_counts[layer]
+    mask = pallas_kernels.selection_mask(indices, counts, context_lengths, 1, SIZE, 1)
+    return np.array(mask[:, 0])
+
+
+def test_specattn_history_adds_the_verifiers_last_top_p_set(factory, step_inputs):
+    """Each sparse layer reads the draft's selection plus the top-p set (by sorting) of its
+    own attention in the last verify; before any verify (all zero), the draft's alone."""
+    _, inputs, _ = step_inputs
+    context = np.asarray(inputs.context_lengths)
+    draft_only = factory.selector("specattn", 0.8).plan(inputs)
+    history = factory.selector("specattn_history", 0.8)
+    plan = history.plan(inputs)
+    assert history.verifier_layers == (2, 3)
+    for layer in (2, 3):
+        last = np.asarray(inputs.verifier_attention[layer - 2])
+        expected = _positions_read(draft_only, layer, inputs.context_lengths)
+        for row, length in enumerate(context):
+            expected[row] |= top_p_positions(last[row], 0.8, length)
+        np.testing.assert_array_equal(
+            _positions_read(plan, layer, inputs.context_lengths), expected
+        )
+    first = dataclasses.replace(
+        inputs, verifier_attention=jnp.zeros_like(inputs.verifier_attention)
+    )
+    first_plan = history.plan(first)
+    for layer in (2, 3):
+        np.testing.assert_array_equal(
+            _positions_read(first_plan, layer, inputs.context_lengths),
+            _positions_read(draft_only, layer, inputs.context_lengths),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -174,11 +212,41 @@ def test_full_budget_equals_dense_perplexity(factory, windows):
     protocol = PerplexityProtocol(window=96, prefix=48, gamma=3, batch_size=2)
     dense = decode_time_perplexity(factory.draft, factory.verifier, windows, protocol)
     assert dense["tokens"] == 3 * protocol.scored_tokens
-    for method in ("specattn", "oracle", "quest", "double_sparsity", "streaming_llm"):
+    for method in ("specattn", "specattn_history", "oracle", "quest", "double_sparsity",
+                   "streaming_llm"):  # fmt: skip
         full = decode_time_perplexity(
             factory.draft, factory.verifier, windows, protocol, factory.selector(method, 1.0)
         )
         _assert_same_perplexity({"method": method, **full}, dense)
+
+
+def test_protocol_hands_each_verify_the_last_ones_attention(factory, windows):
+    """The verifier's attention in each verify reaches the next selection: at the same p,
+    specattn_history reads more than SpecAttn (its set adds to the draft's), and with every
+    record held at zero (before any verify) it reads exactly what SpecAttn reads."""
+    protocol = PerplexityProtocol(window=96, prefix=48, gamma=3, batch_size=3)
+
+    def run(method):
+        selector = factory.selector(method, 0.5)
+        return decode_time_perplexity(factory.draft, factory.verifier, windows, protocol, selector)
+
+    draft_only, history = run("specattn"), run("specattn_history")
+    assert history["kv_reduction"] < draft_only["kv_reduction"] - 0.02
+    with pytest.MonkeyPatch.context() as patch:  # every verify sees an all-zero record
+        patch.setattr(SpecAttnSelector, "_history_blocks", _no_history_blocks)
+        jax.clear_caches()
+        forgetful = run("specattn_history")
+    jax.clear_caches()
+    assert forgetful["kv_reduction"] == draft_only["kv_reduction"]
+    assert forgetful["perplexity"] == draft_only["perplexity"]
+
+
+def _no_history_blocks(self, inputs, num):
+    zero = dataclasses.replace(inputs, verifier_attention=jnp.zeros_like(inputs.verifier_attention))
+    return ORIGINAL_HISTORY_BLOCKS(self, zero, num)
+
+
+ORIGINAL_HISTORY_BLOCKS = SpecAttnSelector._history_blocks
 
 
 def test_protocol_scores_the_same_tokens_as_a_plain_forward(factory, windows):
@@ -267,7 +335,7 @@ def test_sweep_runs_a_chosen_subset_of_methods():
     sweep = _benchmark_script("ppl_vs_kv")
     rows = sweep.settings((0.9,), (0.5,), (0.2, 0.3), ("quest", "oracle"))
     assert rows == [("oracle", 0.9), ("quest", 0.2), ("quest", 0.3)]
-    assert len(sweep.settings((0.9,), (0.5,), (0.2,))) == 6
+    assert len(sweep.settings((0.9,), (0.5,), (0.2,), history_p_values=(0.8,))) == 7
     with pytest.raises(SystemExit):
         sweep.main(["--methods", "quest,nonsense"])
 

@@ -84,19 +84,26 @@ def _noisy_pair(stories260k_dir, dtype):
 STEPWISE_CACHE = 128
 
 
-@pytest.mark.parametrize("granularity", [1, 16])
-def test_sparse_greedy_equals_an_independent_stepwise_reference(stories260k_dir, granularity):
+@pytest.mark.parametrize("granularity, history_p", [(1, None), (16, None), (1, 0.8)])
+def test_sparse_greedy_equals_an_independent_stepwise_reference(
+    stories260k_dir, granularity, history_p
+):
     """Batched SpecAttn `generate` against `tests/reference_llama.py`: a float64 numpy Llama
     that re-prefills the draft every step, selects by sorting, and verifies through boolean
     position masks (no plan, selector, cache rollback or kernel of the library). Tokens and
-    every KV read (per verifier layer group, and the draft's) must agree exactly.
+    every KV read (per verifier layer group, and the draft's) must agree exactly. With
+    `history_p`, each sparse layer also reads the top-p set of its attention in the last
+    verify, which the reference keeps from its own masked forward.
 
     In float64, so that the different but equivalent orders of arithmetic of the two paths
     cannot flip a greedy choice or a top-p boundary."""
     with jax.enable_x64(True):
         draft, verifier, prompts = _noisy_pair(stories260k_dir, jnp.float64)
         layer_map = calibrate(draft, verifier, [np.array(p) for p in prompts])
-        config = SpecConfig(gamma=3, attn_p=0.6, granularity=granularity, layer_map=layer_map)
+        config = SpecConfig(
+            gamma=3, attn_p=0.6, granularity=granularity, layer_map=layer_map,
+            history_p=history_p,
+        )  # fmt: skip
         result = generate(
             draft, verifier, prompts, config, max_new_tokens=24, eos_id=None,
             cache_size=STEPWISE_CACHE,
@@ -114,6 +121,7 @@ def test_sparse_greedy_equals_an_independent_stepwise_reference(stories260k_dir,
             gamma=3,
             max_new_tokens=24,
             cache_size=STEPWISE_CACHE,
+            history_p=history_p,
         )  # fmt: skip
         for prompt in prompts
     ]
