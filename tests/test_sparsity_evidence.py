@@ -175,24 +175,25 @@ def _poisoned_sparse_attention(garbage, attention):
     """`sparse_attention`'s signature: poisons K and V outside what the lists select, then
     runs `attention` (the library's sparse attention, or dense attention to break it)."""
 
-    def poisoned(q, k, v, block_indices, block_counts, context_lengths, *, granularity, backend):
+    def poisoned(q, k, v, block_indices, block_counts, context_lengths, *, granularity, **options):
         keep = readable_positions(
             block_indices, block_counts, context_lengths, q.shape[1], k.shape[1], granularity
         )
         k, v = _poison(k, keep, garbage), _poison(v, keep, garbage)
         return attention(
-            q, k, v, block_indices, block_counts, context_lengths,
-            granularity=granularity, backend=backend,
+            q, k, v, block_indices, block_counts, context_lengths, granularity=granularity,
+            **options,
         )  # fmt: skip
 
     return poisoned
 
 
-def _dense_instead(q, k, v, block_indices, block_counts, context_lengths, **_):
+def _dense_instead(
+    q, k, v, block_indices, block_counts, context_lengths, *, return_summary=False, **_
+):
     """The sparse branch broken on purpose: dense attention over everything."""
     positions = context_lengths[:, None] + jnp.arange(q.shape[1])[None, :]
-    out, reads, _ = dense_attention(q, k, v, positions)
-    return out, reads
+    return dense_attention(q, k, v, positions, return_summary=return_summary)
 
 
 class GenerateSparsityCases:
@@ -209,16 +210,18 @@ class GenerateSparsityCases:
         prompts = [tokenizer(text)["input_ids"] for text in STORY_PROMPTS]
         return draft, verifier, prompts, calibrate(draft, verifier, [np.array(p) for p in prompts])
 
+    @pytest.mark.parametrize("history_p", [None, 0.7])
     @pytest.mark.parametrize("mesh_spec", [None, "data=2,model=2"])
-    def test_generate_never_reads_unselected_entries(self, pair, monkeypatch, mesh_spec):
-        """Also tensor- and data-parallel: each device poisons and reads its own heads."""
+    def test_generate_never_reads_unselected_entries(self, pair, monkeypatch, mesh_spec, history_p):
+        """Also tensor- and data-parallel: each device poisons and reads its own heads. With
+        `history_p`, the sparse layers also report what they read to the next selection."""
         if mesh_spec and len(jax.devices()) < 4:
             pytest.skip("needs 4 devices (tests/conftest.py asks XLA for 4 on CPU)")
         mesh = sharding.make_mesh(mesh_spec) if mesh_spec else None
         draft, verifier, prompts, layer_map = pair
         config = SpecConfig(
             gamma=3, attn_p=0.5, granularity=self.GRANULARITY, layer_map=layer_map,
-            backend=self.BACKEND,
+            backend=self.BACKEND, history_p=history_p,
         )  # fmt: skip
 
         def run(config):
