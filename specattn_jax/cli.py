@@ -190,6 +190,7 @@ def _spec_config(args):
         dense_layers=args.dense_layers,
         sinks=args.sinks,
         recent=args.recent,
+        history_p=args.history_p,
         layer_map=layer_map,
     )
     if args.attn_p is not None and layer_map is None:
@@ -578,6 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--sinks", type=int, default=0, help="leading tokens always read")
     generate.add_argument("--recent", type=int, default=0, help="recent tokens always read")
+    generate.add_argument(
+        "--history-p",
+        type=float,
+        help="with --attn-p: each sparse layer also reads the top-p set (this mass) of its "
+        "own attention in the last verify",
+    )
     _add_mesh(generate)
     _add_common(generate)
     generate.set_defaults(run=cmd_generate)

@@ -59,6 +59,11 @@ def test_generate_autoregressive_and_specattn(capsys):
     )
     assert sparse["stats"]["decoder"] == "specattn"
     assert sparse["stats"]["kv_reduction"] > 0
+    history = run_json(
+        capsys, *common, "--attn-p", "0.5", "--history-p", "0.9",
+        "--layer-map", str(ASSETS / "layer_map.json"),
+    )  # fmt: skip
+    assert 0 < history["stats"]["kv_reduction"] < sparse["stats"]["kv_reduction"]
 
 
 def test_generate_sampling_options_match_the_api(capsys):
@@ -128,6 +133,9 @@ def test_demo_json(capsys):
     [
         (["generate", "--verifier", "/nonexistent/model", "--prompt", "x"], "nonexistent"),
         (["generate", "--prompt", "x", "--attn-p", "1.5"], "attn_p=1.5 must be in (0, 1]"),
+        (["generate", "--prompt", "x", "--attn-p", "0.9", "--history-p", "0"],
+         "history_p=0.0 must be in (0, 1]"),
+        (["generate", "--prompt", "x", "--history-p", "0.9"], "history_p adds to SpecAttn"),
         (["generate", "--prompt", "x", "--gamma", "0"], "gamma=0 must be an integer >= 1"),
         (
             ["generate", "--prompt", PROMPT, "--cache-size", "8", "--draft", "none"],
@@ -156,7 +164,8 @@ def test_demo_json(capsys):
         (["generate"], "generate: one of the arguments --prompt --prompt-ids is required"),
     ],
     ids=[
-        "missing-checkpoint", "attn-p", "gamma", "prompt-too-long", "mesh-kv-heads",
+        "missing-checkpoint", "attn-p", "history-p", "history-p-alone", "gamma",
+        "prompt-too-long", "mesh-kv-heads",
         "mesh-devices", "mesh-axis", "method", "calibration-text", "prefill-chunk",
         "id-beyond-vocab", "negative-id", "empty-prompt", "empty-prompt-ids",
         "quest-with-attn-p", "specattn-with-budget", "no-command", "empty-stop",
