@@ -13,6 +13,7 @@
 #   PHASE=stage,assemble,train PART=.stage/p4 bash benchmarks/distill_session.sh  # <= 10 min
 #   PHASE=report bash benchmarks/distill_session.sh                   # the same machine, warm
 #   PHASE=sweep SWEEP_ARGS="--window 8192 --prefix 4096" bash benchmarks/distill_session.sh
+# LAYER_MAP=file sweeps with that map instead of the report's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/distill}
@@ -40,11 +41,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 
 if [[ $PHASE == *train* ]]; then
   echo "== distill (time budget in the config)"
-  timeout "${TRAIN_S:-500}" python3 -m specattn_jax.cli train \
+  # H100: 482 s ran the steps and the final evaluation but not the export (2026-12-06).
+  timeout "${TRAIN_S:-570}" python3 -m specattn_jax.cli train \
     --config configs/smollm2-draft/config.json --distill-from "$GGUF" --data-dir "$DATA" \
     --out-dir "$RUN" --export "$RUN/hf" ${TRAIN_ARGS:-} 2>&1 | tee "$OUT/train.log" \
     | grep -v "it/s\]\|step/s\]" | tail -n 60
+  status=${PIPESTATUS[0]}
   cp "$RUN/history.json" "$OUT/history.json"
+  if ((status != 0)); then
+    echo "training exited with $status (124: TRAIN_S ran out); no draft was exported" >&2
+    exit "$status"
+  fi
 fi
 
 if [[ $PHASE == *report* ]]; then
@@ -72,6 +79,7 @@ fi
 if [[ $PHASE == *sweep* ]]; then
   echo "== perplexity against KV reduction on the test books"
   timeout "${SWEEP_S:-560}" python3 benchmarks/ppl_vs_kv.py --verifier "$GGUF" --draft "$RUN/hf" \
-    --data-dir "$DATA" --layer-map "$RUN/layer_map.json" --out-dir "$OUT" ${SWEEP_ARGS:-} 2>&1 \
+    --data-dir "$DATA" --layer-map "${LAYER_MAP:-$RUN/layer_map.json}" --out-dir "$OUT" \
+    ${SWEEP_ARGS:-} 2>&1 \
     | grep -v "it/s\]\|s/it\]" | tail -n 40
 fi

@@ -29,7 +29,7 @@ from specattn_jax.data import SPLITS, load_split_dataset
 from specattn_jax.demo import format_report, run_demo
 from specattn_jax.errors import SpecAttnError
 from specattn_jax.eval import MethodFactory, PerplexityProtocol, make_windows
-from specattn_jax.eval.methods import BUDGET_METHODS, METHODS
+from specattn_jax.eval.methods import BUDGET_METHODS, DRAFT_METHODS, METHODS
 from specattn_jax.eval.report import compare_methods, markdown_table
 from specattn_jax.layer_map import LayerMap, calibrate
 from specattn_jax.loading import (
@@ -394,7 +394,7 @@ def cmd_eval_ppl(args) -> None:
         dense_layers=args.dense_layers,
         progress=not args.json,
     )
-    if layer_map is None and args.method in ("specattn", "specattn_recent"):
+    if layer_map is None and args.method in DRAFT_METHODS:
         _note(args, f"no --layer-map given: calibrating one on {args.calibration_data} first")
     factory.selector(args.method, value)  # validate (and calibrate) before the long run
     rows = compare_methods(

@@ -65,6 +65,8 @@ METHODS = (
     "streaming_llm",
 )
 BUDGET_METHODS = ("quest", "double_sparsity", "streaming_llm")
+# The methods guided by the draft's attention (through the layer map).
+DRAFT_METHODS = ("specattn", "specattn_recent", "specattn_history")
 # SpecAttn + always reading 4 sink tokens and the most recent 256 context tokens.
 RECENT_SINKS, RECENT_WINDOW = 4, 256
 
@@ -115,7 +117,7 @@ class MethodFactory:
             raise SpecAttnError(f"{method} needs {knob} in (0, 1], got {value}")
         value = jnp.float32(value)
         common = dict(dense_layers=self.dense_layers)
-        if method in ("specattn", "specattn_recent", "specattn_history"):
+        if method in DRAFT_METHODS:
             recent = method == "specattn_recent"
             return SpecAttnSelector(
                 attn_p=value,

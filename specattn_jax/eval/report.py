@@ -10,7 +10,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from specattn_jax.errors import SpecAttnError
-from specattn_jax.eval.methods import METHODS, MethodFactory
+from specattn_jax.eval.methods import DRAFT_METHODS, METHODS, MethodFactory
 from specattn_jax.eval.perplexity import PerplexityProtocol, decode_time_perplexity
 
 
@@ -92,7 +92,7 @@ def merge_reports(reports: Sequence[dict]) -> dict:
     return {**first, "seconds": sum(r["seconds"] for r in reports), "rows": rows}
 
 
-_KNOB = {"specattn": "p", "specattn_recent": "p", "specattn_history": "p", "oracle": "p"}
+_KNOB = {method: "p" for method in (*DRAFT_METHODS, "oracle")}
 
 
 def setting_label(row: dict) -> str:
