@@ -31,7 +31,7 @@ from specattn_jax.errors import SpecAttnError
 from specattn_jax.eval import MethodFactory, PerplexityProtocol, make_windows
 from specattn_jax.eval.methods import BUDGET_METHODS, DRAFT_METHODS, METHODS
 from specattn_jax.eval.report import compare_methods, markdown_table
-from specattn_jax.layer_map import LayerMap, calibrate
+from specattn_jax.layer_map import CHOICES, LayerMap, calibrate
 from specattn_jax.loading import (
     ASSETS,
     default_draft,
@@ -334,7 +334,9 @@ def cmd_calibrate(args) -> None:
         )
     stride = len(ids) // count  # spread the sequences over the whole text
     sequences = [ids[i * stride : i * stride + args.seq_len] for i in range(count)]
-    layer_map = calibrate(draft, verifier, sequences, progress=not args.json, source=args.text)
+    layer_map = calibrate(
+        draft, verifier, sequences, progress=not args.json, source=args.text, choose=args.choose
+    )
     layer_map.save(args.out)
     if args.plot:
         layer_map.plot(args.plot)
@@ -600,6 +602,14 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--data-dir", help="corpus folder (default ../shared/data/gutenberg)")
     calibrate.add_argument("--out", required=True, help="where to write the map (JSON)")
     calibrate.add_argument("--plot", help="also draw the KL heatmap to this PNG")
+    calibrate.add_argument(
+        "--choose",
+        choices=CHOICES,
+        default="kl",
+        help="the map: the KL scores' best (kl), or the distillation groups' (groups: for a "
+        "draft distilled with the attention loss, each verifier layer to the draft layer "
+        "that learned it)",
+    )
     calibrate.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     calibrate.add_argument("--num-sequences", type=int, default=16, help="sequences to average")
     _add_common(calibrate)

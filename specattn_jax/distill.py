@@ -41,6 +41,7 @@ from specattn_jax.config import LlamaConfig
 from specattn_jax.convert.hf import save_hf_model
 from specattn_jax.data import default_data_dir
 from specattn_jax.errors import IncompatibleModelsError, SpecAttnError
+from specattn_jax.layer_map import layer_groups
 from specattn_jax.loading import load_pretrained
 from specattn_jax.model import Llama, count_params
 
@@ -86,19 +87,6 @@ def load_distill_config(path: str | Path) -> DistillConfig:
         return DistillConfig(**{k: v for k, v in raw.items() if not k.startswith("_")})
     except TypeError as e:
         raise SpecAttnError(f"{path}: bad distill table ({e})") from None
-
-
-def layer_groups(num_verifier_layers: int, num_draft_layers: int) -> tuple[tuple[int, ...], ...]:
-    """The verifier's layers cut into `num_draft_layers` contiguous groups as even as
-    possible, in order: group d is the verifier layers whose attention draft layer d learns.
-    Each group is non-empty, so the draft may not be deeper than the verifier."""
-    if not 0 < num_draft_layers <= num_verifier_layers:
-        raise SpecAttnError(
-            f"the attention loss needs a draft of 1..{num_verifier_layers} layers (one group of "
-            f"verifier layers each), not {num_draft_layers}"
-        )
-    bounds = np.linspace(0, num_verifier_layers, num_draft_layers + 1).round().astype(int)
-    return tuple(tuple(range(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def attention_rows(seq_len: int, count: int) -> tuple[int, ...]:

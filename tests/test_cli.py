@@ -11,6 +11,7 @@ import pytest
 from specattn_jax.cli import _stats_line, build_parser, main
 from specattn_jax.demo import default_prompt
 from specattn_jax.errors import IncompatibleModelsError
+from specattn_jax.layer_map import group_layer_map
 from specattn_jax.loading import ASSETS, load_pair, load_pretrained
 from specattn_jax.sampling import make_sampler
 from specattn_jax.speculative import SpecConfig, generate
@@ -107,6 +108,12 @@ def test_calibrate_and_eval_ppl(capsys, tmp_path):
     dense, specattn = out["rows"]
     assert dense["method"] == "dense" and specattn["method"] == "specattn"
     assert specattn["kv_reduction"] > 0 and dense["perplexity"] > 1
+    draft_layers = load_pretrained("bundled:draft")[0].config.num_hidden_layers
+    out = run_json(
+        capsys, "calibrate", "--text", str(text), "--out", str(tmp_path / "groups.json"),
+        "--seq-len", "64", "--num-sequences", "1", "--choose", "groups",
+    )  # fmt: skip
+    assert tuple(out["mapping"]) == group_layer_map(8, draft_layers)
 
 
 def test_convert_round_trip(capsys, tmp_path, stories260k_dir):

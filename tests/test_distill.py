@@ -21,9 +21,9 @@ from specattn_jax.distill import (
     attention_kl,
     attention_rows,
     embedding_from_verifier,
-    layer_groups,
     plot_distillation,
 )
+from specattn_jax.layer_map import layer_groups
 from specattn_jax.testing import tiny_hf_config
 from specattn_jax.train import init_model
 

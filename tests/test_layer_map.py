@@ -14,6 +14,7 @@ from specattn_jax.layer_map import (
     LayerMap,
     attention_kl_scores,
     calibrate,
+    group_layer_map,
     model_fingerprint,
     monotone_layer_map,
 )
@@ -83,10 +84,29 @@ def test_calibrate_save_load_and_plot(pair, tmp_path):
     assert layer_map.mapping == monotone_layer_map(np.array(layer_map.scores))
     loaded = LayerMap.load(layer_map.save(tmp_path / "map.json"))
     assert loaded == layer_map
-    assert loaded.calibration == {"sequences": 3, "tokens": 72, "source": "random tokens"}
+    assert loaded.calibration == {
+        "sequences": 3, "tokens": 72, "source": "random tokens", "choose": "kl"
+    }  # fmt: skip
     loaded.check_fits(draft, verifier)
     png = layer_map.plot(tmp_path / "map.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_groups_map_sends_each_verifier_layer_to_the_draft_layer_that_learned_it(pair):
+    """choose="groups" keeps the measured scores but maps by the distillation groups."""
+    draft, verifier = pair
+    sequences = [np.random.default_rng(s).integers(0, 128, 24) for s in range(2)]
+    by_kl = calibrate(draft, verifier, sequences)
+    by_groups = calibrate(draft, verifier, sequences, choose="groups")
+    assert by_groups.mapping == (0, 0, 1, 1)  # groups of 4 verifier layers over 2 draft layers
+    assert by_groups.scores == by_kl.scores
+    assert by_groups.calibration["choose"] == "groups"
+    assert (
+        group_layer_map(30, 8)
+        == (0,) * 4 + (1,) * 4 + (2,) * 3 + (3,) * 4 + (4,) * 4 + (5,) * 3 + (6,) * 4 + (7,) * 4
+    )
+    with pytest.raises(SpecAttnError, match="choose='best' must be one of"):
+        calibrate(draft, verifier, sequences, choose="best")
 
 
 def test_map_for_other_models_is_rejected(pair, tmp_path):
