@@ -58,7 +58,7 @@ if [[ $PHASE == *report* ]]; then
   echo "== acceptance on test text"
   timeout "${ACCEPT_S:-200}" python3 benchmarks/draft_acceptance.py --verifier "$GGUF" \
     --draft "$RUN/hf" --data-dir "$DATA" --out "$OUT/acceptance.json" 2>&1 | tail -n 8
-  echo "== layer map, calibrated on the validation books"
+  echo "== layer map (the distillation groups'; CHOOSE=kl: the KL map), scored on the validation books"
   mkdir -p /tmp/validation_books
   python3 -c "
 import shutil
@@ -67,7 +67,8 @@ for book in split_books('validation', '$DATA'):
     shutil.copy(book.path, '/tmp/validation_books/')"
   timeout "${CALIBRATE_S:-200}" python3 -m specattn_jax.cli calibrate --verifier "$GGUF" \
     --draft "$RUN/hf" --text /tmp/validation_books --seq-len 2048 --num-sequences 32 \
-    --out "$RUN/layer_map.json" --plot "$OUT/layer_map.png" --dtype float32 2>&1 | tail -n 5
+    --out "$RUN/layer_map.json" --plot "$OUT/layer_map.png" --dtype float32 \
+    --choose "${CHOOSE:-groups}" 2>&1 | tail -n 5
   cp "$RUN/layer_map.json" "$OUT/"
   echo "== the draft's attention against the verifier's (validation text)"
   timeout "${RECALL_S:-120}" python3 benchmarks/attention_recall.py --verifier "$GGUF" \
