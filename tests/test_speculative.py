@@ -152,14 +152,18 @@ def test_stop_strings_need_a_tokenizer_and_text(stories_pair):
         )
 
 
-def test_stream_yields_the_same_tokens(stories_pair):
+@pytest.mark.parametrize(
+    "config",
+    [SpecConfig(gamma=3), SpecConfig(gamma=3, attn_p=0.5, history_p=0.8)],
+    ids=["speculative", "specattn-with-history"],
+)
+def test_stream_yields_the_same_tokens(stories_pair, config):
+    """Also with the record of the verifier's attention carried from step to step."""
     draft, verifier, tokenizer = stories_pair
     prompt = [tokenizer("Once upon a time")["input_ids"]]
-    expected = generate(draft, verifier, prompt, SpecConfig(gamma=3), max_new_tokens=25)
+    expected = generate(draft, verifier, prompt, config, max_new_tokens=25)
     streamed, chunks, last_stats = [], 0, None
-    for new_tokens, stats in generate_stream(
-        draft, verifier, prompt, SpecConfig(gamma=3), max_new_tokens=25
-    ):
+    for new_tokens, stats in generate_stream(draft, verifier, prompt, config, max_new_tokens=25):
         streamed += new_tokens[0]
         chunks += 1
         last_stats = stats
