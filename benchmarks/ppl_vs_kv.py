@@ -12,7 +12,8 @@ A sweep split over several runs (`--methods`, `--p-values`, ...) is joined into 
 by `--merge RUN.json ...`, and sweeps are drawn side by side on shared axes by
 `--compare "LABEL=RUN.json" ... --plot FILE.png` (neither loads a model). A panel may join
 runs as `LABEL=A.json+B.json`: A's rows, then B's rows of the methods A did not run, each
-row's increase against its own run's dense perplexity.
+row's increase against its own run's dense perplexity. `B.json:quest,oracle` takes exactly
+those methods' rows from B instead.
 """
 
 from __future__ import annotations
@@ -213,13 +214,17 @@ def main(argv=None) -> int:
 
 def panel_rows(files: str) -> list[dict]:
     """The rows of one --compare panel, "A.json+B.json+...": A's rows, then each later run's
-    rows of the methods no earlier run has."""
+    rows of the methods no earlier run has; a run written "B.json:m1,m2" gives the rows of
+    methods m1 and m2 instead, whatever came before."""
     rows = []
-    for file in files.split("+"):
-        ran = {row["method"] for row in rows}
-        rows += [
-            row for row in json.loads(Path(file).read_text())["rows"] if row["method"] not in ran
-        ]
+    for part in files.split("+"):
+        file, _, chosen = part.partition(":")
+        run_rows = json.loads(Path(file).read_text())["rows"]
+        if chosen:
+            rows += [row for row in run_rows if row["method"] in chosen.split(",")]
+        else:
+            ran = {row["method"] for row in rows}
+            rows += [row for row in run_rows if row["method"] not in ran]
     return rows
 
 

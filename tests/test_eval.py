@@ -392,7 +392,7 @@ def test_split_sweeps_merge_into_one_report(tmp_path, capsys):
 
 def test_sweeps_are_drawn_side_by_side(tmp_path):
     """--compare draws one panel per label; a panel joining two runs takes the second's
-    methods only where the first ran none."""
+    methods only where the first ran none, or those it names."""
     sweep = _benchmark_script("ppl_vs_kv")
     draft_run = tmp_path / "draft.json"
     draft_run.write_text(json.dumps(_report([("dense", None, 10.0), ("specattn", 0.9, 11.0)])))
@@ -403,6 +403,10 @@ def test_sweeps_are_drawn_side_by_side(tmp_path):
     joined = sweep.panel_rows(f"{draft_run}+{baselines}")
     assert [(row["method"], row["value"]) for row in joined] == [
         ("dense", None), ("specattn", 0.9), ("quest", 0.3)
+    ]  # fmt: skip
+    chosen = sweep.panel_rows(f"{draft_run}+{baselines}:specattn")  # named: taken as well
+    assert [(row["method"], row["value"]) for row in chosen] == [
+        ("dense", None), ("specattn", 0.9), ("specattn", 0.8)
     ]  # fmt: skip
     plot = tmp_path / "pairs.png"
     argv = ["--compare", f"one={draft_run}", f"joined={draft_run}+{baselines}", "--plot", str(plot)]
