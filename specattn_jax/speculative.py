@@ -458,15 +458,21 @@ def verifier_layers(selector: Selector | None) -> tuple[int, ...]:
     return () if selector is None else selector.verifier_layers
 
 
-def with_attention_record(state: SpecState, selector: Selector | None) -> SpecState:
-    """A prefilled `state` with an empty record of the verifier's attention (all zero: no
-    verify yet) when `selector` reads one."""
+def empty_attention_record(
+    selector: Selector | None, batch: int, cache_size: int
+) -> jax.Array | None:
+    """f32[V, B, S] zeros, the record of the verifier's attention before any verify, in the
+    V layers `selector` reads; None when it reads none."""
     layers = verifier_layers(selector)
-    if not layers:
-        return state
+    return jnp.zeros((len(layers), batch, cache_size), jnp.float32) if layers else None
+
+
+def with_attention_record(state: SpecState, selector: Selector | None) -> SpecState:
+    """A prefilled `state` with an empty record of the verifier's attention when `selector`
+    reads one."""
     cache = state.caches.verifier
-    record = jnp.zeros((len(layers), len(cache.lengths), cache.max_len), jnp.float32)
-    return dataclasses.replace(state, verifier_attention=record)
+    record = empty_attention_record(selector, len(cache.lengths), cache.max_len)
+    return state if record is None else dataclasses.replace(state, verifier_attention=record)
 
 
 def prefill(

@@ -41,7 +41,13 @@ from specattn_jax.selection import (
     check_granularity,
     sparse_layer_flags,
 )
-from specattn_jax.speculative import Pair, draft_and_plan, kv_reduction
+from specattn_jax.speculative import (
+    Pair,
+    draft_and_plan,
+    empty_attention_record,
+    kv_reduction,
+    verifier_layers,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -114,12 +120,9 @@ def _score_windows(graphdefs, params, windows, selector, protocol, backend, veri
     )
     _, draft_cache, _ = draft(windows[:, : prefix - 2], draft.init_cache(batch, size))
     rows = jnp.ones((batch,), jnp.int32)
-    attention_layers = () if selector is None else selector.verifier_layers
-    # The verifier's attention in the last verify, in the layers the selector reads (zero
-    # before the first; None when it reads none).
-    attention_record = None
-    if attention_layers:
-        attention_record = jnp.zeros((len(attention_layers), batch, size), jnp.float32)
+    attention_layers = verifier_layers(selector)
+    # The verifier's attention in the last verify, in the layers the selector reads.
+    attention_record = empty_attention_record(selector, batch, size)
 
     def step(carry, index):
         draft_cache, verifier_cache, attention_record = carry
