@@ -70,9 +70,10 @@ class BlockSizes:
       block_s: positions per tile of the threshold kernel's float pass; a row of at most
         `block_s` positions stays in registers for all bisection steps, a longer one is
         re-read (from L2) at every step. The exact-sum pass streams tiles of at most 4096.
-      block_c: positions per tile of the compaction kernel (at least one block of `g`).
+      block_c: positions per tile of the compaction kernels (at least one block of `g`);
+        one program per (output row, tile).
       num_warps: warps per program of the threshold kernel (one program per (r, a) row).
-      num_warps_compact: warps per program of the compaction kernel (one per output row).
+      num_warps_compact: warps per program of the compaction kernels.
     """
 
     block_s: int = 8192
@@ -307,51 +308,73 @@ def top_p_threshold_kernel(
     theta_ref[...] = jnp.full((1,), theta, jnp.float32)
 
 
-def top_p_compact_kernel(
+def _tile_selection(w_ref, theta_ref, length_ref, *, granularity: int, blocks_per_tile: int):
+    """Program (r, tile)'s blocks: (i32[blocks_per_tile] ids, i32[blocks_per_tile] 1 where
+    some valid position of the block is selected by some draft row)."""
+    num_rows, seq_len = w_ref.shape
+    length = jnp.minimum(length_ref[0], seq_len)
+    lanes = jnp.arange(blocks_per_tile, dtype=jnp.int32)
+    block_ids = pl.program_id(1) * blocks_per_tile + lanes
+    positions = block_ids[:, None] * granularity + jnp.arange(granularity, dtype=jnp.int32)[None, :]
+    valid = positions < length  # [blocks_per_tile, g]
+    selected = jnp.zeros(positions.shape, jnp.int32)
+    for a in range(num_rows):
+        w = pltriton.load(w_ref.at[a, positions], mask=valid, other=0.0)
+        selected = selected | (valid & (w.astype(jnp.float32) >= theta_ref[a])).astype(jnp.int32)
+    return block_ids, jnp.max(selected, axis=1)
+
+
+def top_p_count_kernel(
     w_ref,  # [A, S] weights of one output row
     theta_ref,  # [A]
     length_ref,  # [1]
-    indices_ref,  # [NB_pad] output: selected block ids, compacted
-    count_ref,  # [1] output
+    count_ref,  # [1] output: selected blocks in this program's tile
     *,
     granularity: int,
     blocks_per_tile: int,
 ):
-    num_rows, seq_len = w_ref.shape
-    num_padded = indices_ref.shape[0]
-    length = jnp.minimum(length_ref[0], seq_len)
+    _, block_selected = _tile_selection(
+        w_ref, theta_ref, length_ref, granularity=granularity, blocks_per_tile=blocks_per_tile
+    )
+    count_ref[...] = jnp.full((1,), jnp.sum(block_selected), jnp.int32)
+
+
+def top_p_compact_kernel(
+    w_ref,  # [A, S] weights of one output row
+    theta_ref,  # [A]
+    length_ref,  # [1]
+    tile_counts_ref,  # [num_tiles] selected blocks per tile of this row
+    indices_ref,  # [NB_pad] output: selected block ids, compacted (the whole row)
+    count_ref,  # [1] output: selected blocks of the row (written by tile 0)
+    *,
+    granularity: int,
+    blocks_per_tile: int,
+):
+    """Program (r, tile) writes its tile's selected ids at their rank in the row, and
+    FILL_INDEX in the slots of its own range past the row's count: no two programs write
+    one slot."""
+    tile = pl.program_id(1)
+    num_tiles = tile_counts_ref.shape[0]
+    tiles = jnp.arange(next_power_of_2(num_tiles), dtype=jnp.int32)
+    tile_counts = pltriton.load(tile_counts_ref.at[tiles], mask=tiles < num_tiles, other=0)
+    base = jnp.sum(jnp.where(tiles < tile, tile_counts, 0))
+    total = jnp.sum(tile_counts)
+    block_ids, block_selected = _tile_selection(
+        w_ref, theta_ref, length_ref, granularity=granularity, blocks_per_tile=blocks_per_tile
+    )
     lanes = jnp.arange(blocks_per_tile, dtype=jnp.int32)
-    offsets_in_block = jnp.arange(granularity, dtype=jnp.int32)
-    thetas = [theta_ref[a] for a in range(num_rows)]
+    rank = jnp.cumsum(block_selected) - block_selected
+    num_selected = jnp.sum(block_selected)
+    # Unselected lanes get distinct slots after the selected ones (never written on GPU;
+    # interpret mode writes their old values back, so slots must not collide).
+    dest = jnp.where(block_selected > 0, base + rank, base + num_selected + lanes - rank)
+    pltriton.store(indices_ref.at[dest], block_ids, mask=block_selected > 0)
+    fill = jnp.full(block_ids.shape, FILL_INDEX, jnp.int32)
+    pltriton.store(indices_ref.at[block_ids], fill, mask=block_ids >= total)
 
-    def compact_tile(tile, base):
-        block_ids = tile * blocks_per_tile + lanes  # [blocks_per_tile]
-        positions = block_ids[:, None] * granularity + offsets_in_block[None, :]
-        valid = positions < length  # [blocks_per_tile, g]
-        selected = jnp.zeros(positions.shape, jnp.int32)
-        for a in range(num_rows):
-            w = pltriton.load(w_ref.at[a, positions], mask=valid, other=0.0)
-            selected = selected | (valid & (w.astype(jnp.float32) >= thetas[a])).astype(jnp.int32)
-        block_selected = jnp.max(selected, axis=1)  # [blocks_per_tile], 0 or 1
-        rank = jnp.cumsum(block_selected) - block_selected
-        num_selected = jnp.sum(block_selected)
-        # Unselected lanes get distinct slots after the selected ones (never written on GPU;
-        # interpret mode writes their old values back, so slots must not collide).
-        dest = jnp.where(block_selected > 0, base + rank, base + num_selected + lanes - rank)
-        pltriton.store(indices_ref.at[dest], block_ids, mask=block_selected > 0)
-        return base + num_selected
-
-    num_tiles = cdiv_dynamic(cdiv_dynamic(length, granularity), blocks_per_tile)
-    count = lax.fori_loop(0, num_tiles, compact_tile, jnp.int32(0))
-
-    def fill_tile(tile, carry):
-        slots = tile * blocks_per_tile + lanes
-        fill = jnp.full(slots.shape, FILL_INDEX, jnp.int32)
-        pltriton.store(indices_ref.at[slots], fill, mask=slots >= count)
-        return carry
-
-    lax.fori_loop(0, num_padded // blocks_per_tile, fill_tile, 0)
-    count_ref[...] = jnp.full((1,), count, jnp.int32)
+    @pl.when(tile == 0)
+    def _():
+        count_ref[...] = jnp.full((1,), total, jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,34 +430,48 @@ def _top_p_compact(
     interpret: bool,
     debug: bool,
 ):
+    """Two launches over (row, tile) programs: each tile counts its selected blocks, then
+    writes them at the rank the counts of the tiles before it give."""
     num_rows, num_draft_rows, seq_len = weights.shape
     num_blocks = cdiv(seq_len, granularity)
     blocks_per_tile = min(max(block_c // granularity, 1), next_power_of_2(num_blocks))
-    num_padded = cdiv(num_blocks, blocks_per_tile) * blocks_per_tile
-    kernel = functools.partial(
-        top_p_compact_kernel, granularity=granularity, blocks_per_tile=blocks_per_tile
-    )
+    num_tiles = cdiv(num_blocks, blocks_per_tile)
+    num_padded = num_tiles * blocks_per_tile
+    tiling = dict(granularity=granularity, blocks_per_tile=blocks_per_tile)
+    row_specs = [
+        pl.BlockSpec((None, num_draft_rows, seq_len), lambda r, t: (r, 0, 0)),  # weights
+        pl.BlockSpec((None, num_draft_rows), lambda r, t: (r, 0)),  # theta
+        pl.BlockSpec((1,), lambda r, t: (r,)),  # lengths
+    ]
+    params = pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+    tile_counts = pl.pallas_call(
+        functools.partial(top_p_count_kernel, **tiling),
+        grid=(num_rows, num_tiles),
+        in_specs=row_specs,
+        out_specs=pl.BlockSpec((None, 1), lambda r, t: (r, t)),
+        out_shape=jax.ShapeDtypeStruct((num_rows, num_tiles), jnp.int32),
+        compiler_params=params,
+        interpret=interpret,
+        debug=debug,
+        name=f"top_p_count_{granularity=}_{blocks_per_tile=}",
+    )(weights, theta, lengths)
     indices, counts = pl.pallas_call(
-        kernel,
-        grid=(num_rows,),
-        in_specs=[
-            pl.BlockSpec((None, num_draft_rows, seq_len), lambda r: (r, 0, 0)),  # weights
-            pl.BlockSpec((None, num_draft_rows), lambda r: (r, 0)),  # theta
-            pl.BlockSpec((1,), lambda r: (r,)),  # lengths
-        ],
+        functools.partial(top_p_compact_kernel, **tiling),
+        grid=(num_rows, num_tiles),
+        in_specs=[*row_specs, pl.BlockSpec((None, num_tiles), lambda r, t: (r, 0))],
         out_specs=[
-            pl.BlockSpec((None, num_padded), lambda r: (r, 0)),  # block_indices
-            pl.BlockSpec((1,), lambda r: (r,)),  # block_counts
+            pl.BlockSpec((None, num_padded), lambda r, t: (r, 0)),  # block_indices
+            pl.BlockSpec((1,), lambda r, t: (r,)),  # block_counts
         ],
         out_shape=[
             jax.ShapeDtypeStruct((num_rows, num_padded), jnp.int32),
             jax.ShapeDtypeStruct((num_rows,), jnp.int32),
         ],
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=params,
         interpret=interpret,
         debug=debug,
         name=f"top_p_compact_{granularity=}_{blocks_per_tile=}",
-    )(weights, theta, lengths)
+    )(weights, theta, lengths, tile_counts)
     return indices[:, :num_blocks], counts
 
 
