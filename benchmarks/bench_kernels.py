@@ -563,10 +563,7 @@ class Bench:
                 w.reshape(rows * draft_rows, seq_len),
                 jnp.repeat(p, draft_rows),
                 jnp.repeat(lengths, draft_rows),
-                num_iters=tp.DEFAULT_NUM_ITERS,
-                block_s=block_sizes.block_s,
-                num_warps=block_sizes.num_warps,
-                force_exact=False,
+                block_sizes=block_sizes,
                 interpret=self.interpret,
                 debug=False,
             )

@@ -201,6 +201,7 @@ class GenerateSparsityCases:
     GARBAGE = staticmethod(finite_garbage)
     DTYPE = jnp.float32
     GRANULARITY = 1
+    HISTORY_P = 0.7  # the verifier's own last attention, where the history case adds it
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -210,11 +211,12 @@ class GenerateSparsityCases:
         prompts = [tokenizer(text)["input_ids"] for text in STORY_PROMPTS]
         return draft, verifier, prompts, calibrate(draft, verifier, [np.array(p) for p in prompts])
 
-    @pytest.mark.parametrize("history_p", [None, 0.7])
+    @pytest.mark.parametrize("history", [False, True], ids=["draft", "history"])
     @pytest.mark.parametrize("mesh_spec", [None, "data=2,model=2"])
-    def test_generate_never_reads_unselected_entries(self, pair, monkeypatch, mesh_spec, history_p):
+    def test_generate_never_reads_unselected_entries(self, pair, monkeypatch, mesh_spec, history):
         """Also tensor- and data-parallel: each device poisons and reads its own heads. With
-        `history_p`, the sparse layers also report what they read to the next selection."""
+        `history`, the sparse layers also report what they read to the next selection."""
+        history_p = self.HISTORY_P if history else None
         if mesh_spec and len(jax.devices()) < 4:
             pytest.skip("needs 4 devices (tests/conftest.py asks XLA for 4 on CPU)")
         mesh = sharding.make_mesh(mesh_spec) if mesh_spec else None
@@ -272,6 +274,10 @@ class GenerateSparsityGpuTest(KernelTestBase, GenerateSparsityCases):
     GARBAGE = staticmethod(nan_garbage)
     DTYPE = jnp.bfloat16
     GRANULARITY = 16
+    # At 0.7 the verifier's own attention keeps nearly the whole 128-token cache of this pair
+    # (6.7% KV reduction, CPU, bf16, reference backend): too dense to show anything. At 0.3:
+    # 13.2%.
+    HISTORY_P = 0.3
 
     @pytest.fixture(scope="class")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +13,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pallas_kernels as pk
-from pallas_kernels.top_p_select import DEFAULT_NUM_ITERS
 from tests.kernels.base import KernelTestBase
 
 # The module (the package re-exports a function of the same name).
@@ -77,27 +77,58 @@ def check_layout(weights, theta, indices, counts, lengths, granularity):
 
 class TopPSelectCases(KernelTestBase):
     def seq_lens(self):
-        """(resident row, streamed row, streaming tile)."""
-        return (250, 3000, 512) if self.INTERPRET else (32768, 262144, 16384)
+        """(a one-chunk row, a row of many chunks, the chunk)."""
+        return (250, 3000, 512) if self.INTERPRET else (32768, 262144, 2048)
 
+    def route(self, name):
+        """Tiling that sends every row through one of the kernels' two routes: "bisect" (the
+        row in one program) or "radix" (passes over chunks, several per row)."""
+        if name == "bisect":
+            return pk.TopPBlockSizes()
+        return pk.TopPBlockSizes(max_resident=0, block_s=64 if self.INTERPRET else 2048)
+
+    @pytest.mark.parametrize("route", ["bisect", "radix"])
     @pytest.mark.parametrize("granularity", [1, 16, 32, 64])
     @pytest.mark.parametrize("num_draft_rows", [1, 3], ids=lambda a: f"A={a}")
-    def test_matches_reference(self, granularity, num_draft_rows):
+    def test_matches_reference(self, granularity, num_draft_rows, route):
         seq_len, _, _ = self.seq_lens()
         num_rows = 7
         weights = make_weights(granularity + num_draft_rows, num_rows, num_draft_rows, seq_len)
         p = jnp.asarray([0.9, 0.5, 1e-6, 1.0, 0.999, 0.3, 0.95], jnp.float32)
         lengths = jnp.asarray([seq_len, 1, seq_len - 3, 17, 0, seq_len // 3, seq_len], jnp.int32)
         got = pk.top_p_select(
-            weights, p, lengths, granularity=granularity, interpret=self.INTERPRET
+            weights,
+            p,
+            lengths,
+            granularity=granularity,
+            block_sizes=self.route(route),
+            interpret=self.INTERPRET,
         )
         expected = pk.top_p_select_reference(weights, p, lengths, granularity=granularity)
         assert_same_selection(got, expected)
         check_layout(weights, *got, lengths, granularity)
 
-    @pytest.mark.parametrize("force_exact", [False, True], ids=["float_then_check", "exact"])
-    def test_streamed_rows_match_reference(self, force_exact):
-        """Rows longer than one tile (re-read per bisection step), both kernel paths."""
+    @pytest.mark.parametrize("skew", [0.5, 1.5])
+    def test_bisection_checks_its_float_pass(self, monkeypatch, skew):
+        """The float bisection only guesses: with its target skewed, the exact check rejects
+        the guess and the exact redo still gives the reference's result."""
+        seq_len, _, _ = self.seq_lens()
+        weights = make_weights(5, 4, 2, seq_len)
+        p = jnp.asarray([0.9, 0.5, 0.3, 0.6], jnp.float32)
+        lengths = jnp.asarray([seq_len, seq_len - 7, seq_len // 2, 40], jnp.int32)
+        monkeypatch.setattr(topmod, "_FLOAT_TARGET_SCALE", skew)
+        jax.clear_caches()  # trace again with the skewed target
+        try:
+            got = pk.top_p_select(weights, p, lengths, granularity=1, interpret=self.INTERPRET)
+        finally:
+            jax.clear_caches()
+        expected = pk.top_p_select_reference(weights, p, lengths, granularity=1)
+        assert_same_selection(got, expected)
+
+    @pytest.mark.parametrize("granularity", [1, 16])
+    def test_rows_of_many_chunks_match_reference(self, granularity):
+        """Rows over several radix chunks and compaction tiles (the default route of a row
+        past 32K), lengths ending inside, at and just past a chunk."""
         _, seq_len, block_s = self.seq_lens()
         weights = make_weights(11, 4, 2, seq_len)
         p = jnp.asarray([0.9, 0.99, 0.5, 1e-3], jnp.float32)
@@ -106,14 +137,15 @@ class TopPSelectCases(KernelTestBase):
             weights,
             p,
             lengths,
-            granularity=16,
+            granularity=granularity,
             interpret=self.INTERPRET,
-            block_sizes=pk.TopPBlockSizes(block_s=block_s, block_c=block_s),
-            force_exact=force_exact,
+            block_sizes=pk.TopPBlockSizes(max_resident=0, block_s=block_s, block_c=block_s),
         )
-        expected = pk.top_p_select_reference(weights, p, lengths, granularity=16)
+        expected = pk.top_p_select_reference(weights, p, lengths, granularity=granularity)
         assert_same_selection(got, expected)
+        check_layout(weights, *got, lengths, granularity)
 
+    @pytest.mark.parametrize("route", ["bisect", "radix"])
     @settings(
         max_examples=12,
         deadline=None,
@@ -130,13 +162,20 @@ class TopPSelectCases(KernelTestBase):
         lengths=st.lists(st.integers(0, 200), min_size=3, max_size=3),
         seed=st.integers(0, 2**31 - 1),
     )
-    def test_random_rows(self, kinds, p, lengths, seed):
+    def test_random_rows(self, route, kinds, p, lengths, seed):
         seq_len = 200 if self.INTERPRET else 20000
         if not self.INTERPRET:
             lengths = [x * 100 for x in lengths]
         weights = make_weights(seed, 3, 2, seq_len, kinds)
         p, lengths = jnp.asarray(p, jnp.float32), jnp.asarray(lengths, jnp.int32)
-        got = pk.top_p_select(weights, p, lengths, granularity=1, interpret=self.INTERPRET)
+        got = pk.top_p_select(
+            weights,
+            p,
+            lengths,
+            granularity=1,
+            block_sizes=self.route(route),
+            interpret=self.INTERPRET,
+        )
         expected = pk.top_p_select_reference(weights, p, lengths, granularity=1)
         assert_same_selection(got, expected)
 
@@ -155,14 +194,6 @@ class TopPSelectInterpretTest(TopPSelectCases):
 # Properties of the reference (plain jnp, no kernel): what top-p means.
 
 
-def sorted_top_p(row, p, slack):
-    """Float64 sort-based top-p threshold for target p * total + slack (ties kept)."""
-    ordered = np.sort(row)[::-1]
-    mass = np.cumsum(ordered)
-    last = np.searchsorted(mass, p * mass[-1] + slack)
-    return ordered[min(last, len(ordered) - 1)]
-
-
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(
     kinds=st.lists(st.sampled_from(KINDS), min_size=4, max_size=4),
@@ -171,20 +202,22 @@ def sorted_top_p(row, p, slack):
     seed=st.integers(0, 2**31 - 1),
 )
 def test_reference_is_top_p(kinds, p, lengths, seed):
-    """Kept mass >= p, and no more entries than sort-based top-p plus ties within resolution."""
+    """The reference keeps the fewest largest weights whose mass reaches p, ties kept: the
+    kept mass reaches p, that above theta does not (float64 sums, within the fixed point's
+    resolution), and theta is a weight of the row."""
     weights = make_weights(seed, 4, 1, 300, kinds)
     theta, _, _ = pk.top_p_select_reference(
         weights, jnp.asarray(p, jnp.float32), jnp.asarray(lengths, jnp.int32), granularity=1
     )
     for r in range(4):
         row = np.asarray(weights[r, 0, : lengths[r]], np.float64)
+        cut = float(theta[r, 0])
         total, top = row.sum(), row.max()
-        kept = row >= float(theta[r, 0])
-        resolution = 1e-6 * total  # fixed-point and float32 rounding of the masses
-        assert row[kept].sum() >= np.float32(p[r]) * total - resolution
-        bracket = top * 2.0 ** (1 - DEFAULT_NUM_ITERS)  # theta sits at most this far below the cut
-        cut = sorted_top_p(row, np.float32(p[r]), resolution)
-        assert kept.sum() <= (row >= cut - bracket).sum()
+        resolution = len(row) * top * 2.0**-40 + 2.0**-30 * total  # limbs, and p rounded up
+        target = np.float32(p[r]) * total
+        assert row[row >= cut].sum() >= target - resolution
+        assert row[row > cut].sum() < target + resolution or total == 0
+        assert cut in row
 
 
 @pytest.mark.parametrize("granularity", [1, 16, 32, 64])
