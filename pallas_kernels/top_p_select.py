@@ -64,7 +64,9 @@ from pallas_kernels._common import (
 LIMB_BITS = 10  # bits per fixed-point limb; |limb| <= 2**10, exact in float16
 NUM_LIMBS = 4  # 40 bits below the row max
 _LIMB_MASK = (1 << LIMB_BITS) - 1
-_P_BITS = 30  # p is rounded up to a multiple of 2**-30 (three limbs)
+_P_BITS = 30  # p is rounded up to a multiple of 2**-30
+_P_LIMBS = _P_BITS // LIMB_BITS  # 3
+_TARGET_LIMBS = _P_LIMBS + NUM_LIMBS + 2  # ceil(p * 2**30) * total, canonical: 9
 _MAX_ROW_LEN = 1 << (30 - LIMB_BITS)  # limb sums stay below 2**30
 _MIN_EXPONENT = -80  # rows whose max is below 2**-80 use 2**-80 as their scale
 _ROUND_MAGIC = 1.5 * 2.0**23  # (x + C) - C rounds x to an integer for |x| <= 2**22
@@ -73,7 +75,7 @@ _ROUND_MAGIC = 1.5 * 2.0**23  # (x + C) - C rounds x to an integer for |x| <= 2*
 _KEY_OCTAVES = NUM_LIMBS * LIMB_BITS + 2
 _NUM_BINS = 64  # bins per radix pass
 _PASSES = ((23, 6), (17, 6), (11, 6), (5, 6), (0, 5))  # (shift, width): keys of 29 bits
-_STATE = 16  # per-row state between passes: prefix, 4 limb sums above it, 9 target limbs
+_STATE = 16  # per-row state between passes: prefix, limb sums above it, target limbs
 _SUB_TILE = 256  # positions per one-hot product
 _MAX_BLOCK_S = 8192  # a program's limb sums stay below 2**24 (exact in float32)
 _FLOAT_TARGET_SCALE = 1.0  # the bisection's float target is p * sum * this (tests skew it)
@@ -164,7 +166,7 @@ def _normalize(sums):
 def _p_limbs(p):
     """ceil(p * 2**30) as 3 base-2**10 limbs, low first."""
     p_int = jnp.ceil(jnp.clip(p, 0.0, 1.0) * float(1 << _P_BITS)).astype(jnp.int32)
-    return [(p_int >> (LIMB_BITS * i)) & _LIMB_MASK for i in range(_P_BITS // LIMB_BITS)]
+    return [(p_int >> (LIMB_BITS * i)) & _LIMB_MASK for i in range(_P_LIMBS)]
 
 
 def _mul_limbs(a, b):
@@ -199,7 +201,7 @@ def _exact_pred(kept_sums, target):
     """kept * 2**30 >= target (elementwise over the sums' shape)."""
     kept = _normalize(kept_sums)
     zero = 0 * kept[0]
-    return _greater_equal([zero] * (_P_BITS // LIMB_BITS) + kept, target)
+    return _greater_equal([zero] * _P_LIMBS + kept, target)
 
 
 def _resolve(prefix, above, hist, target, width: int):
@@ -319,11 +321,10 @@ def _read_state(state_ref):
     def at(i):
         return jnp.sum(jnp.where(slots == i, state, 0))
 
-    target_len = _P_BITS // LIMB_BITS + NUM_LIMBS + 2
     return (
         at(0),
         [at(1 + k) for k in range(NUM_LIMBS)],
-        [at(1 + NUM_LIMBS + i) for i in range(target_len)],
+        [at(1 + NUM_LIMBS + i) for i in range(_TARGET_LIMBS)],
     )
 
 
@@ -361,7 +362,7 @@ def top_p_radix_kernel(
     if pass_index == 0:
         state_ref, hist_ref = refs
         prefix, above = jnp.int32(0), [jnp.int32(0)] * NUM_LIMBS
-        target = [jnp.int32(0)] * (_P_BITS // LIMB_BITS + NUM_LIMBS + 2)
+        target = [jnp.int32(0)] * _TARGET_LIMBS
     else:
         prev_state_ref, prev_hist_ref, state_ref, hist_ref = refs
         prefix, above, target = _read_state(prev_state_ref)
