@@ -147,7 +147,9 @@ def sparse_verify_attention_kernel(
             columns = jnp.where(valid, positions, seq_len + lane)
             row_ids = jnp.arange(rows, dtype=jnp.int32)
             pltriton.store(
-                scores_ref.at[row_ids[:, None], columns[None, :]], s, mask=valid[None, :]
+                scores_ref.at[row_ids[:, None], columns[None, :]],
+                s,
+                mask=q_valid[:, None] & valid[None, :],  # real query rows only
             )
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
         correction = jnp.exp2(m_prev - m_next)
@@ -236,12 +238,13 @@ def combine_splits_kernel(
     l_ref,  # [splits] f32 softmax denominators
     m_ref,  # [splits] f32 running maxima (log2 units)
     out_ref,  # [T * H, D] the attention output, in q's dtype
-    *,
+    *lse_ref,  # [1] f32 the row's log-sum-exp (log2 units), if the summary needs it
     q_heads_per_kv_head: int,
     num_heads: int,
 ):
     """The last round of flash decoding: row m = t * G + g of KV head h merges its splits'
-    softmax states and writes query (t, h * G + g) of the output in its own layout."""
+    softmax states and writes query (t, h * G + g) of the output in its own layout (and,
+    when asked, the row's log-sum-exp, which turns its logits into probabilities)."""
     kv_head, stacked_row = pl.program_id(0), pl.program_id(1)
     num_splits, head_dim = o_ref.shape
     splits = jnp.arange(next_power_of_2(num_splits), dtype=jnp.int32)
@@ -254,6 +257,8 @@ def combine_splits_kernel(
     out = jnp.sum(o * weight[:, None], axis=0) / (denominator + jnp.finfo(jnp.float32).eps)
     row = query_row(kv_head, stacked_row, q_heads_per_kv_head, num_heads)
     pltriton.store(out_ref.at[row, dims], out.astype(out_ref.dtype))
+    if lse_ref:
+        lse_ref[0][...] = jnp.full((1,), jnp.max(m) + jnp.log2(denominator), jnp.float32)
 
 
 def _sparse_verify_attention_unbatched(
@@ -331,7 +336,12 @@ def _sparse_verify_attention_unbatched(
         name=f"sparse_verify_attention_{granularity=}_{block_k=}_{num_splits=}_{contiguous=}",
     )(flat_q, k_cache, v_cache, block_indices, block_count, context_length)
 
-    out = pl.pallas_call(
+    out_specs = [pl.BlockSpec(flat_q.shape, lambda h, r: (0, 0))]
+    out_shape = [jax.ShapeDtypeStruct(flat_q.shape, q.dtype)]
+    if return_summary:  # each row's log-sum-exp
+        out_specs.append(pl.BlockSpec((None, 1), lambda h, r: (h, r)))
+        out_shape.append(jax.ShapeDtypeStruct((num_kv_heads, rows), jnp.float32))
+    out, *lse = pl.pallas_call(
         functools.partial(
             combine_splits_kernel,
             q_heads_per_kv_head=q_heads_per_kv_head,
@@ -343,24 +353,21 @@ def _sparse_verify_attention_unbatched(
             pl.BlockSpec((None, num_splits, None), lambda h, r: (h, 0, r)),  # l
             pl.BlockSpec((None, num_splits, None), lambda h, r: (h, 0, r)),  # m
         ],
-        out_specs=pl.BlockSpec(flat_q.shape, lambda h, r: (0, 0)),
-        out_shape=jax.ShapeDtypeStruct(flat_q.shape, q.dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         debug=debug,
         name=f"sparse_verify_attention_combine_{num_splits=}",
-    )(o, l, m).reshape(q.shape)
-    results = [out]
+    )(o, l, m)
+    results = [out.reshape(q.shape)]
     if return_reads:
         results.append(extra[0][:, :, 0].sum(axis=1))  # i32[H_kv] rows loaded over the splits
     if return_summary:
-        # Normalise the logits with the merged softmax state (log2 units); positions the
-        # kernel did not read (never written) are masked by the selection.
-        l, m = l[:, :, :rows], m[:, :, :rows]
-        m_max = m.max(axis=1)  # [H_kv, M]
-        denominator = (l * jnp.exp2(m - m_max[:, None])).sum(axis=1)  # [H_kv, M]
+        # Normalise the logits by each row's log-sum-exp (log2 units); positions the kernel
+        # did not read (never written) are masked by the selection.
         scores = extra[-1][:, :rows, :seq_len]  # [H_kv, M, S]
-        probs = jnp.exp2(scores - m_max[..., None]) / denominator[..., None]
+        probs = jnp.exp2(scores - lse[0][..., None])
         probs = probs.reshape(num_kv_heads, num_queries, q_heads_per_kv_head, seq_len)
         if contiguous:  # the context's first block_count * g positions, then the new tokens
             positions = jnp.arange(seq_len)
