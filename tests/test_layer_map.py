@@ -18,7 +18,8 @@ from specattn_jax.layer_map import (
     model_fingerprint,
     monotone_layer_map,
 )
-from specattn_jax.testing import tiny_llama
+from specattn_jax.loading import load_pretrained
+from specattn_jax.testing import tiny_hf_config, tiny_llama, write_tiny_hf_checkpoint
 
 
 def _brute_force_best(scores: np.ndarray) -> float:
@@ -133,4 +134,19 @@ def test_corrupt_or_non_monotone_map_file_is_rejected(tmp_path):
 def test_fingerprint_tells_models_apart():
     assert model_fingerprint(tiny_llama(seed=1)) == model_fingerprint(tiny_llama(seed=1))
     assert model_fingerprint(tiny_llama(seed=1)) != model_fingerprint(tiny_llama(seed=2))
-    assert model_fingerprint(tiny_llama(seed=1, dtype=jnp.bfloat16))
+    assert model_fingerprint(tiny_llama(seed=1)) != model_fingerprint(
+        tiny_llama(seed=1, num_layers=3)
+    )
+
+
+def test_fingerprint_is_the_checkpoints_in_every_dtype(tmp_path):
+    """A map calibrated on the float32 load (CPU) fits the bfloat16 or float16 load of the
+    same checkpoint (GPU): the float32 weights are not representable in either."""
+    write_tiny_hf_checkpoint(tmp_path / "a", tiny_hf_config(), seed=1)
+    write_tiny_hf_checkpoint(tmp_path / "b", tiny_hf_config(), seed=2)
+    fingerprints = {
+        dtype: model_fingerprint(load_pretrained(tmp_path / "a", dtype)[0])
+        for dtype in (jnp.float32, jnp.bfloat16, jnp.float16)
+    }
+    assert len(set(fingerprints.values())) == 1, fingerprints
+    assert model_fingerprint(load_pretrained(tmp_path / "b")[0]) != fingerprints[jnp.float32]

@@ -2,6 +2,7 @@
 caches it), against transformers' own GGUF loading of the same file, both in float32: logits
 over 1024 tokens of a Gutenberg test book, greedy continuations, and a one-turn chat."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -11,6 +12,7 @@ from specattn_jax.autoregressive import generate_autoregressive
 from specattn_jax.data import split_books
 from specattn_jax.errors import SpecAttnError
 from specattn_jax.fetch import smollm2_path
+from specattn_jax.layer_map import model_fingerprint
 from specattn_jax.loading import load_pretrained
 
 pytestmark = pytest.mark.slow
@@ -91,3 +93,11 @@ def test_greedy_book_continuation_and_one_turn_chat_match_transformers(
     expected = [_reference_greedy(reference, prompt) for prompt in prompts]
     assert result.tokens == expected
     assert "Paris" in tokenizer.decode(expected[1])
+
+
+def test_bfloat16_load_has_the_float32_loads_fingerprint(gguf_file, ours):
+    """A layer map calibrated on the float32 load fits the bfloat16 load (a GPU's default):
+    the dequantised Q4_1 weights are not representable in bfloat16."""
+    model, _ = ours
+    bf16_model, _ = load_pretrained(gguf_file, jnp.bfloat16)
+    assert model_fingerprint(bf16_model) == model_fingerprint(model)
