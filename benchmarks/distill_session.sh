@@ -58,7 +58,7 @@ if [[ $PHASE == *report* ]]; then
   echo "== acceptance on test text"
   timeout "${ACCEPT_S:-200}" python3 benchmarks/draft_acceptance.py --verifier "$GGUF" \
     --draft "$RUN/hf" --data-dir "$DATA" --out "$OUT/acceptance.json" 2>&1 | tail -n 8
-  echo "== layer map (the distillation groups'; CHOOSE=kl: the KL map), scored on the validation books"
+  echo "== layer map (the distillation groups'; CHOOSE=kl: the KL map; CHOOSE=mix: the KL map and a layer mix), scored on the validation books"
   mkdir -p /tmp/validation_books
   python3 -c "
 import shutil

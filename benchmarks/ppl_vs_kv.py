@@ -172,7 +172,13 @@ def main(argv=None) -> int:
         f"read. specattn_recent also reads 4 sink and the {args.recent_window} most recent "
         f"context tokens; specattn_history also reads the top-p set of each sparse layer's "
         f"attention in the last verify (the same p). "
-        f"Layer map: {list(factory.get_layer_map().mapping)}."
+        f"Layer map: {list(factory.get_layer_map().mapping)}"
+        + (
+            "."
+            if factory.get_layer_map().mix is None
+            else ", with a layer mix (each sparse verifier layer selects from its fitted "
+            "weighted mix of the draft layers' attention)."
+        )
     )
     report = {
         "caption": caption,

@@ -340,11 +340,23 @@ def cmd_calibrate(args) -> None:
     layer_map.save(args.out)
     if args.plot:
         layer_map.plot(args.plot)
+    mix_lines = []
+    if layer_map.mix is not None:
+        mix_lines = ["layer mix (verifier layer: weight x draft layer):"] + [
+            f"  {j}: " + " + ".join(f"{w:.2f} x {i}" for i, w in enumerate(row) if w)
+            for j, row in enumerate(layer_map.mix)
+        ]
     _emit(
         args,
-        {"out": args.out, "plot": args.plot, "mapping": list(layer_map.mapping)},
+        {
+            "out": args.out,
+            "plot": args.plot,
+            "mapping": list(layer_map.mapping),
+            "mix": layer_map.mix and [list(row) for row in layer_map.mix],
+        },
         [
             f"layer map (verifier layer -> draft layer): {list(layer_map.mapping)}",
+            *mix_lines,
             f"calibrated on {count} sequences of {args.seq_len} tokens; wrote {args.out}"
             + (f" and {args.plot}" if args.plot else ""),
         ],
@@ -608,7 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="kl",
         help="the map: the KL scores' best (kl), or the distillation groups' (groups: for a "
         "draft distilled with the attention loss, each verifier layer to the draft layer "
-        "that learned it)",
+        "that learned it), or the KL map plus a layer mix (mix: each verifier layer reads "
+        "a fitted weighted mix of the draft layers' attention)",
     )
     calibrate.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     calibrate.add_argument("--num-sequences", type=int, default=16, help="sequences to average")

@@ -11,6 +11,12 @@ attention of one contiguous group of verifier layers (`layer_groups`); `choose="
 each verifier layer to the draft layer of its group instead (the scores are still measured,
 for the heatmap). On the SmolLM2 pair's validation text that map read less and scored better
 than the KL map (README, "The real pair").
+
+`choose="mix"` goes beyond one draft layer per verifier layer: each verifier layer j reads
+the weighted mix `sum_i W[j, i] A_d[i]` of the draft layers' attention, with the weights on the
+simplex that minimise `KL(A_v[j] || sum_i W[j, i] A_d[i])` over sampled calibration rows (a
+convex fit, `fit_layer_mix`; the KL map is one of its candidates). The mapping is then the
+KL map, kept for the heatmap.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from specattn_jax.errors import SpecAttnError
@@ -32,6 +39,9 @@ from specattn_jax.model import Llama
 from specattn_jax.progress import progress_bar
 
 _LOG_FLOOR = 1e-30
+MIX_ROWS = 64  # query rows per calibration sequence that the mix is fitted on
+MIX_FLOOR = 0.02  # mix weights below this are dropped (and the row renormalised)
+MIX_STEPS = 300
 
 
 FINGERPRINT_ROWS = 16  # embedding rows sampled, evenly spread over the vocabulary
@@ -68,7 +78,7 @@ def group_layer_map(num_verifier_layers: int, num_draft_layers: int) -> tuple[in
     return tuple(draft_layer for draft_layer, group in enumerate(groups) for _ in group)
 
 
-CHOICES = ("kl", "groups")
+CHOICES = ("kl", "groups", "mix")
 
 
 def monotone_layer_map(scores: np.ndarray) -> tuple[int, ...]:
@@ -108,7 +118,9 @@ def attention_kl_scores(
 
 @functools.partial(jax.jit, static_argnames=("draft_graphdef", "verifier_graphdef"))
 def _sequence_scores(draft_graphdef, draft_state, verifier_graphdef, verifier_state, tokens):
-    """f32[L_d, L_v] KL scores of one sequence i32[1, T]."""
+    """The KL scores f32[L_d, L_v] of one sequence i32[1, T], and the attention rows the mix
+    is fitted on: f32[L_d, R, T] and f32[L_v, R, T], R = `MIX_ROWS` query rows evenly
+    spread over the sequence (all of them if fewer)."""
     attention = {}
     for name, graphdef, state in (
         ("draft", draft_graphdef, draft_state),
@@ -118,7 +130,55 @@ def _sequence_scores(draft_graphdef, draft_state, verifier_graphdef, verifier_st
         cache = model.init_cache(1, tokens.shape[1])
         _, _, info = model(tokens, cache, return_attention=True)
         attention[name] = info.attention[:, 0]
-    return attention_kl_scores(attention["draft"], attention["verifier"])
+    num_tokens = tokens.shape[1]
+    rows = np.unique(np.linspace(0, num_tokens - 1, min(MIX_ROWS, num_tokens)).astype(int))
+    return (
+        attention_kl_scores(attention["draft"], attention["verifier"]),
+        attention["draft"][:, rows],
+        attention["verifier"][:, rows],
+    )
+
+
+def _stack_rows(rows: list[np.ndarray]) -> jax.Array:
+    """f32[L, sum R_k, max T_k]: per-sequence rows f32[L, R_k, T_k] joined, those of shorter
+    sequences padded with zeros (no mass, so no part of the fit's loss)."""
+    width = max(r.shape[-1] for r in rows)
+    return jnp.asarray(
+        np.concatenate([np.pad(r, ((0, 0), (0, 0), (0, width - r.shape[-1]))) for r in rows], 1)
+    )
+
+
+def fit_layer_mix(
+    draft_rows: jax.Array,  # f32[L_d, R, S] attention rows (each sums to 1)
+    verifier_rows: jax.Array,  # f32[L_v, R, S] the verifier's rows of the same queries
+    steps: int = MIX_STEPS,
+) -> np.ndarray:
+    """f64[L_v, L_d]: per verifier layer j, the weights on the simplex that minimise the mean
+    `KL(A_v[j] || sum_i W[j, i] A_d[i])` over the rows (Adam on softmax logits), with weights
+    below `MIX_FLOOR` dropped and each row renormalised."""
+    num_verifier, num_draft = verifier_rows.shape[0], draft_rows.shape[0]
+
+    def cross_entropy(logits):  # the KL up to the verifier rows' own entropy
+        mixed = jnp.einsum("ji,irs->jrs", jax.nn.softmax(logits, axis=1), draft_rows)
+        return -jnp.sum(verifier_rows * jnp.log(jnp.maximum(mixed, _LOG_FLOOR))) / (
+            num_verifier * verifier_rows.shape[1]
+        )
+
+    optimizer = optax.adam(0.1)
+
+    @jax.jit
+    def update(logits, state):
+        grads = jax.grad(cross_entropy)(logits)
+        updates, state = optimizer.update(grads, state)
+        return optax.apply_updates(logits, updates), state
+
+    logits = jnp.zeros((num_verifier, num_draft), jnp.float32)
+    state = optimizer.init(logits)
+    for _ in range(steps):
+        logits, state = update(logits, state)
+    weights = np.asarray(jax.nn.softmax(logits, axis=1), np.float64)
+    weights = np.where(weights < MIX_FLOOR, 0.0, weights)
+    return weights / weights.sum(axis=1, keepdims=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +190,8 @@ class LayerMap:
       scores: L_d x L_v matrix of -KL(A_v[j] || A_d[i]).
       draft_fingerprint, verifier_fingerprint: `model_fingerprint` of the calibrated pair.
       calibration: what it was calibrated on (sequences, tokens per sequence, source).
+      mix: L_v x L_d weights (each row on the simplex): verifier layer j reads the mix of
+        the draft layers' attention (`choose="mix"`); None reads draft layer f(j) alone.
     """
 
     mapping: tuple[int, ...]
@@ -137,6 +199,20 @@ class LayerMap:
     draft_fingerprint: str
     verifier_fingerprint: str
     calibration: dict = dataclasses.field(default_factory=dict, hash=False, compare=False)
+    mix: tuple[tuple[float, ...], ...] | None = None
+
+    def __post_init__(self):
+        if self.mix is None:
+            return
+        weights = np.asarray(self.mix, np.float64)
+        expected = (len(self.mapping), len(self.scores))
+        if weights.shape != expected:
+            raise SpecAttnError(
+                f"the layer mix has shape {weights.shape} but the map is {expected[0]} "
+                f"verifier x {expected[1]} draft layers"
+            )
+        if (weights < 0).any() or not np.allclose(weights.sum(axis=1), 1.0, atol=1e-6):
+            raise SpecAttnError("each row of the layer mix must be non-negative and sum to 1")
 
     @property
     def num_verifier_layers(self) -> int:
@@ -148,6 +224,11 @@ class LayerMap:
             raise SpecAttnError(
                 f"the layer map has {len(self.mapping)} entries but the verifier has "
                 f"{verifier.config.num_hidden_layers} layers"
+            )
+        if self.mix is not None and len(self.mix[0]) != draft.config.num_hidden_layers:
+            raise SpecAttnError(
+                f"the layer mix weighs {len(self.mix[0])} draft layers but the draft has "
+                f"{draft.config.num_hidden_layers} layers"
             )
         if max(self.mapping) >= draft.config.num_hidden_layers or min(self.mapping) < 0:
             raise SpecAttnError(
@@ -185,6 +266,9 @@ class LayerMap:
                 draft_fingerprint=data["draft_fingerprint"],
                 verifier_fingerprint=data["verifier_fingerprint"],
                 calibration=data.get("calibration", {}),
+                mix=None
+                if data.get("mix") is None
+                else tuple(tuple(float(x) for x in row) for row in data["mix"]),
             )
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise SpecAttnError(f"{path} is not a valid layer map ({e})") from None
@@ -232,7 +316,8 @@ def calibrate(
 ) -> LayerMap:
     """Calibrates a `LayerMap` on token sequences (each i32[T], T >= 2, equal lengths compile
     once): the mean KL scores, and the map the monotone DP picks from them ("kl") or the
-    distillation groups' map ("groups", `group_layer_map`)."""
+    distillation groups' map ("groups", `group_layer_map`); "mix" adds the layer mix
+    (`fit_layer_mix`) to the KL map."""
     if choose not in CHOICES:
         raise SpecAttnError(f"choose={choose!r} must be one of {CHOICES}")
     sequences = [np.asarray(s, np.int32) for s in sequences]
@@ -243,14 +328,20 @@ def calibrate(
     draft_graphdef, draft_state = nnx.split(draft)
     verifier_graphdef, verifier_state = nnx.split(verifier)
     total = np.zeros((draft.config.num_hidden_layers, verifier.config.num_hidden_layers))
+    draft_rows, verifier_rows = [], []
     for tokens in progress_bar(sequences, desc="calibrating layer map", disable=not progress):
-        total += np.asarray(
-            _sequence_scores(
-                draft_graphdef, draft_state, verifier_graphdef, verifier_state, tokens[None]
-            ),
-            np.float64,
+        sequence_scores, draft_sample, verifier_sample = _sequence_scores(
+            draft_graphdef, draft_state, verifier_graphdef, verifier_state, tokens[None]
         )
+        total += np.asarray(sequence_scores, np.float64)
+        if choose == "mix":
+            draft_rows.append(np.asarray(draft_sample))
+            verifier_rows.append(np.asarray(verifier_sample))
     scores = total / len(sequences)
+    mix = None
+    if choose == "mix":
+        weights = fit_layer_mix(_stack_rows(draft_rows), _stack_rows(verifier_rows))
+        mix = tuple(tuple(float(x) for x in row) for row in weights)
     if choose == "groups":
         mapping = group_layer_map(verifier.config.num_hidden_layers, draft.config.num_hidden_layers)
     else:
@@ -266,4 +357,5 @@ def calibrate(
             "source": source,
             "choose": choose,
         },
+        mix=mix,
     )

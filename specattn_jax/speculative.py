@@ -162,6 +162,7 @@ class SpecConfig:
         selector = SpecAttnSelector(
             attn_p=jnp.float32(self.attn_p),
             mapping=layer_map.mapping,
+            mix=layer_map.mix,
             granularity=self.granularity,
             dense_layers=self.dense_layers,
             aggregate=self.aggregate,

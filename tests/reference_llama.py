@@ -178,12 +178,14 @@ def specattn_greedy(
     max_new_tokens: int,
     cache_size: int,
     history_p: float | None = None,
+    mix: np.ndarray | None = None,
 ) -> SpecAttnRun:
     """Greedy SpecAttn for one sequence, step by step.
 
     Each step re-prefills the draft from scratch, drafts `gamma` tokens and keeps its
     attention rows; every sparse verifier layer j reads the context positions of the blocks
-    holding the union of the top-p sets of draft layer mapping[j]'s rows (with `history_p`,
+    holding the union of the top-p sets of draft layer mapping[j]'s rows (with a `mix`
+    [L_v, L_d], of the rows sum_i mix[j, i] * (draft layer i's rows); with `history_p`,
     and the top-p set of layer j's attention in the last verify, averaged over the rows
     whose tokens were accepted), plus the new tokens causally; greedy acceptance; the
     verifier's cache is cut back to the accepted tokens (its entries are those of the
@@ -208,9 +210,10 @@ def specattn_greedy(
         rows = np.stack(rows)  # [gamma, L_d, S]
         masks = verifier.causal_masks(context, gamma + 1, cache_size)
         for layer in range(dense_layers, len(verifier.layers)):
-            union = np.any(
-                [top_p_positions(row, attn_p, context) for row in rows[:, mapping[layer]]], 0
+            guides = (
+                rows[:, mapping[layer]] if mix is None else rows.transpose(0, 2, 1) @ mix[layer]
             )
+            union = np.any([top_p_positions(row, attn_p, context) for row in guides], 0)
             if history_p is not None and history is not None:
                 union |= top_p_positions(history[layer], history_p, context)
             selected = block_positions(union, context, granularity)

@@ -6,12 +6,13 @@ import json
 import shutil
 
 import jax
+import numpy as np
 import pytest
 
 from specattn_jax.cli import _stats_line, build_parser, main
 from specattn_jax.demo import default_prompt
 from specattn_jax.errors import IncompatibleModelsError
-from specattn_jax.layer_map import group_layer_map
+from specattn_jax.layer_map import LayerMap, group_layer_map
 from specattn_jax.loading import ASSETS, load_pair, load_pretrained
 from specattn_jax.sampling import make_sampler
 from specattn_jax.speculative import SpecConfig, generate
@@ -114,6 +115,12 @@ def test_calibrate_and_eval_ppl(capsys, tmp_path):
         "--seq-len", "64", "--num-sequences", "1", "--choose", "groups",
     )  # fmt: skip
     assert tuple(out["mapping"]) == group_layer_map(8, draft_layers)
+    out = run_json(
+        capsys, "calibrate", "--text", str(text), "--out", str(tmp_path / "mix.json"),
+        "--seq-len", "64", "--num-sequences", "1", "--choose", "mix",
+    )  # fmt: skip
+    assert np.array(out["mix"]).shape == (8, draft_layers)
+    assert LayerMap.load(tmp_path / "mix.json").mix == tuple(map(tuple, out["mix"]))
 
 
 def test_convert_round_trip(capsys, tmp_path, stories260k_dir):
@@ -184,8 +191,6 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
 
 
 def test_layer_map_for_other_models_is_refused(capsys, tmp_path, stories260k_dir):
-    from specattn_jax.layer_map import LayerMap
-
     bundled = LayerMap.load(ASSETS / "layer_map.json")
     other = LayerMap(bundled.mapping[:-1], bundled.scores, "x", "y")
     other.save(tmp_path / "short.json")

@@ -14,6 +14,7 @@ from specattn_jax.layer_map import (
     LayerMap,
     attention_kl_scores,
     calibrate,
+    fit_layer_mix,
     group_layer_map,
     model_fingerprint,
     monotone_layer_map,
@@ -108,6 +109,69 @@ def test_the_groups_map_sends_each_verifier_layer_to_the_draft_layer_that_learne
     )
     with pytest.raises(SpecAttnError, match="choose='best' must be one of"):
         calibrate(draft, verifier, sequences, choose="best")
+
+
+def test_fit_layer_mix_recovers_a_mix_the_verifier_rows_are_made_of():
+    """Verifier rows built as known mixes of random draft rows: the fit finds the mix (a
+    weight of 0 is dropped, not merely small)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=2.0, size=(3, 48, 40))
+    draft_rows = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)  # [L_d, R, S]
+    mix = np.array([[1.0, 0, 0], [0.5, 0.5, 0], [0.2, 0.3, 0.5], [0, 0.25, 0.75]])
+    verifier_rows = np.einsum("ji,irs->jrs", mix, draft_rows)
+    fitted = fit_layer_mix(
+        jnp.asarray(draft_rows, jnp.float32), jnp.asarray(verifier_rows, jnp.float32)
+    )
+    np.testing.assert_allclose(fitted, mix, atol=0.02)
+    np.testing.assert_array_equal(fitted == 0, mix == 0)
+    np.testing.assert_allclose(fitted.sum(axis=1), 1.0)
+
+
+def test_calibrated_mix_is_stored_and_no_worse_than_the_kl_map(pair, tmp_path):
+    """choose="mix": the KL map plus a mix of the draft layers per verifier layer, which
+    fits the calibration rows at least as well as the map's one layer each (numpy KL)."""
+    draft, verifier = pair
+    sequences = [np.random.default_rng(s).integers(0, 128, 24) for s in range(2)]
+    by_kl = calibrate(draft, verifier, sequences)
+    mixed = calibrate(draft, verifier, sequences, choose="mix")
+    assert mixed.mapping == by_kl.mapping and by_kl.mix is None
+    mix = np.array(mixed.mix)
+    assert mix.shape == (4, 2) and np.all(mix >= 0)
+    np.testing.assert_allclose(mix.sum(axis=1), 1.0)
+    loaded = LayerMap.load(mixed.save(tmp_path / "mix.json"))
+    assert loaded.mix == mixed.mix
+    loaded.check_fits(draft, verifier)
+
+    def mean_kl(weights):
+        total = 0.0
+        for tokens in sequences:
+            rows = {}
+            for name, model in (("draft", draft), ("verifier", verifier)):
+                cache = model.init_cache(1, len(tokens))
+                _, _, info = model(jnp.asarray(tokens[None]), cache, return_attention=True)
+                rows[name] = np.asarray(info.attention[:, 0], np.float64)  # [L, T, S]
+            guide = np.einsum("ji,its->jts", weights, rows["draft"])
+            v = rows["verifier"]
+            total += np.sum(v * np.log(np.maximum(v, 1e-30) / np.maximum(guide, 1e-30)))
+        return total
+
+    one_hot = np.eye(2)[list(mixed.mapping)]
+    assert mean_kl(mix) <= mean_kl(one_hot) * (1 + 1e-3)
+
+
+def test_bad_layer_mix_is_rejected(pair):
+    draft, verifier = pair
+    fields = dict(mapping=(0, 0, 1, 1), scores=((0.0,) * 4,) * 2, draft_fingerprint="a",
+                  verifier_fingerprint="b")  # fmt: skip
+    with pytest.raises(SpecAttnError, match="non-negative and sum to 1"):
+        LayerMap(**fields, mix=((0.5, 0.4),) * 4)
+    with pytest.raises(SpecAttnError, match=r"shape \(3, 2\) but the map is 4 verifier x 2"):
+        LayerMap(**fields, mix=((0.5, 0.5),) * 3)
+    three_draft_layers = LayerMap(
+        **{**fields, "scores": ((0.0,) * 4,) * 3}, mix=((0.5, 0.25, 0.25),) * 4
+    )
+    with pytest.raises(SpecAttnError, match="weighs 3 draft layers but the draft has 2"):
+        three_draft_layers.check_fits(draft, verifier)
 
 
 def test_map_for_other_models_is_rejected(pair, tmp_path):

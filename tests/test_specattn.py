@@ -84,22 +84,38 @@ def _noisy_pair(stories260k_dir, dtype):
 STEPWISE_CACHE = 128
 
 
-@pytest.mark.parametrize("granularity, history_p", [(1, None), (16, None), (1, 0.8)])
+def _two_layer_mix(mapping: tuple[int, ...], num_draft_layers: int) -> tuple:
+    """Each verifier layer j reads 0.6 of draft layer mapping[j] and 0.4 of the next one."""
+    mix = np.zeros((len(mapping), num_draft_layers))
+    for layer, draft_layer in enumerate(mapping):
+        mix[layer, draft_layer] += 0.6
+        mix[layer, (draft_layer + 1) % num_draft_layers] += 0.4
+    return tuple(map(tuple, mix))
+
+
+@pytest.mark.parametrize(
+    "granularity, history_p, mixed", [(1, None, False), (16, None, False), (1, 0.8, False),
+                                      (1, None, True)]
+)  # fmt: skip
 def test_sparse_greedy_equals_an_independent_stepwise_reference(
-    stories260k_dir, granularity, history_p
+    stories260k_dir, granularity, history_p, mixed
 ):
     """Batched SpecAttn `generate` against `tests/reference_llama.py`: a float64 numpy Llama
     that re-prefills the draft every step, selects by sorting, and verifies through boolean
     position masks (no plan, selector, cache rollback or kernel of the library). Tokens and
     every KV read (per verifier layer group, and the draft's) must agree exactly. With
     `history_p`, each sparse layer also reads the top-p set of its attention in the last
-    verify, which the reference keeps from its own masked forward.
+    verify, which the reference keeps from its own masked forward. `mixed`: each verifier
+    layer selects from a mix of two draft layers' rows (`LayerMap.mix`).
 
     In float64, so that the different but equivalent orders of arithmetic of the two paths
     cannot flip a greedy choice or a top-p boundary."""
     with jax.enable_x64(True):
         draft, verifier, prompts = _noisy_pair(stories260k_dir, jnp.float64)
         layer_map = calibrate(draft, verifier, [np.array(p) for p in prompts])
+        if mixed:
+            mix = _two_layer_mix(layer_map.mapping, draft.config.num_hidden_layers)
+            layer_map = dataclasses.replace(layer_map, mix=mix)
         config = SpecConfig(
             gamma=3, attn_p=0.6, granularity=granularity, layer_map=layer_map,
             history_p=history_p,
@@ -122,6 +138,7 @@ def test_sparse_greedy_equals_an_independent_stepwise_reference(
             max_new_tokens=24,
             cache_size=STEPWISE_CACHE,
             history_p=history_p,
+            mix=None if layer_map.mix is None else np.array(layer_map.mix),
         )  # fmt: skip
         for prompt in prompts
     ]

@@ -122,6 +122,7 @@ class MethodFactory:
             return SpecAttnSelector(
                 attn_p=value,
                 mapping=self.get_layer_map().mapping,
+                mix=self.get_layer_map().mix,
                 granularity=self.granularity,
                 sinks=RECENT_SINKS if recent else 0,
                 recent=self.recent_window if recent else 0,

@@ -10,6 +10,9 @@ Beyond the paper, `history_p` adds the verifier's own view: in each sparse layer
 set (mass `history_p`) of that layer's attention in the previous verify forward, over what it
 read then, joins the draft's set. Attention moves slowly from one step to the next, and the
 verifier's rows rank the context as the verifier does, which the draft's only approximate.
+
+With a layer mix (`LayerMap.mix`, calibrated by `choose="mix"`), each sparse verifier layer
+selects from its own weighted mix of the draft layers' rows instead of one draft layer's.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import pallas_kernels
 from specattn_jax.attention import AttentionPlan
@@ -42,6 +46,8 @@ class SpecAttnSelector:
     backend: "auto", "pallas" or "reference" for the top-p kernel (static).
     history_p: f32[] mass of the verifier's previous attention kept per sparse layer, in
       (0, 1]; None reads none of it (the paper's SpecAttn).
+    mix: L_v x L_d weights: sparse verifier layer j selects from the mix of the draft
+      layers' rows (static); None selects from draft layer mapping[j]'s.
     """
 
     attn_p: jax.Array
@@ -53,6 +59,9 @@ class SpecAttnSelector:
     recent: int = dataclasses.field(default=0, metadata=dict(static=True))
     backend: str = dataclasses.field(default="auto", metadata=dict(static=True))
     history_p: jax.Array | None = None
+    mix: tuple[tuple[float, ...], ...] | None = dataclasses.field(
+        default=None, metadata=dict(static=True)
+    )
 
     @property
     def verifier_layers(self) -> tuple[int, ...]:
@@ -64,8 +73,12 @@ class SpecAttnSelector:
 
     @property
     def draft_layers(self) -> tuple[int, ...]:
-        """The draft layers the layer map assigns to a sparse verifier layer."""
+        """The draft layers the layer map assigns to a sparse verifier layer (with a mix,
+        those it weighs in some sparse layer)."""
         sparse_layers = sparse_layer_flags(len(self.mapping), self.dense_layers)
+        if self.mix is not None:
+            rows = [row for row, sparse in zip(self.mix, sparse_layers, strict=True) if sparse]
+            return tuple(i for i in range(len(self.mix[0])) if any(row[i] for row in rows))
         pairs = zip(self.mapping, sparse_layers, strict=True)
         return tuple(sorted({draft_layer for draft_layer, sparse in pairs if sparse}))
 
@@ -73,8 +86,7 @@ class SpecAttnSelector:
         sparse_layers = sparse_layer_flags(len(self.mapping), self.dense_layers)
         if not any(sparse_layers):
             return None
-        used = self.draft_layers
-        weights = inputs.draft_attention.transpose(2, 1, 0, 3)  # [B, U, A, S]
+        weights, group_of_layer = self._guides(inputs.draft_attention, sparse_layers)
         if self.aggregate == "mean":
             weights = weights.mean(axis=2, keepdims=True)
         block_indices, block_counts = self._top_p_blocks(weights, self.attn_p, inputs)
@@ -87,9 +99,8 @@ class SpecAttnSelector:
                 recent=self.recent,
             )[:, None]  # [B, 1, N]
             block_indices, block_counts = add_forced_blocks(block_indices, block_counts, forced)
-        row_of_layer = jnp.array([used.index(f) if f in used else 0 for f in self.mapping])
-        block_indices = block_indices[:, row_of_layer]  # [B, L, N]
-        block_counts = block_counts[:, row_of_layer]  # [B, L]
+        block_indices = block_indices[:, group_of_layer]  # [B, L, N]
+        block_counts = block_counts[:, group_of_layer]  # [B, L]
         if self.history_p is not None:
             history = self._history_blocks(inputs, block_indices.shape[-1])
             block_indices, block_counts = add_forced_blocks(block_indices, block_counts, history)
@@ -99,6 +110,22 @@ class SpecAttnSelector:
             granularity=self.granularity,
             sparse_layers=sparse_layers,
         )
+
+    def _guides(
+        self, draft_attention: jax.Array, sparse_layers: tuple[bool, ...]
+    ) -> tuple[jax.Array, jax.Array]:
+        """The rows each group of verifier layers selects from, f32[B, R, A, S], and each
+        verifier layer's group, i32[L] (0 for dense layers): one group per draft layer used,
+        or with a mix one per sparse layer, holding its mix of the draft layers' rows.
+        draft_attention: f32[A, U, B, S], the rows of the draft layers `draft_layers`."""
+        used = self.draft_layers
+        rows = draft_attention.transpose(2, 1, 0, 3)  # [B, U, A, S]
+        if self.mix is None:
+            return rows, jnp.array([used.index(f) if f in used else 0 for f in self.mapping])
+        sparse = [layer for layer, is_sparse in enumerate(sparse_layers) if is_sparse]
+        weights = jnp.asarray(np.asarray(self.mix)[np.ix_(sparse, used)], rows.dtype)  # [R, U]
+        group = [sparse.index(layer) if layer in sparse else 0 for layer in range(len(self.mix))]
+        return jnp.einsum("ru,buas->bras", weights, rows), jnp.array(group)
 
     def _top_p_blocks(
         self, weights: jax.Array, p: jax.Array, inputs: SelectionInputs
