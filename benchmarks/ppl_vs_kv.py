@@ -163,6 +163,13 @@ def main(argv=None) -> int:
     protocol = PerplexityProtocol(
         window=args.window, prefix=args.prefix, gamma=args.gamma, batch_size=args.batch_size
     )
+    layer_map = factory.get_layer_map()
+    mix_note = (
+        "."
+        if layer_map.mix is None
+        else ", with a layer mix (each sparse verifier layer selects from its fitted weighted "
+        "mix of the draft layers' attention)."
+    )
     caption = (
         f"Decode-time perplexity on {len(windows)} {args.split}-split windows of "
         f"{args.window} tokens ({args.prefix} prefilled densely, {protocol.scored_tokens} "
@@ -172,13 +179,7 @@ def main(argv=None) -> int:
         f"read. specattn_recent also reads 4 sink and the {args.recent_window} most recent "
         f"context tokens; specattn_history also reads the top-p set of each sparse layer's "
         f"attention in the last verify (the same p). "
-        f"Layer map: {list(factory.get_layer_map().mapping)}"
-        + (
-            "."
-            if factory.get_layer_map().mix is None
-            else ", with a layer mix (each sparse verifier layer selects from its fitted "
-            "weighted mix of the draft layers' attention)."
-        )
+        f"Layer map: {list(layer_map.mapping)}{mix_note}"
     )
     report = {
         "caption": caption,
