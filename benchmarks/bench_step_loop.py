@@ -6,7 +6,8 @@ reads the loop predicate back before the next, so small kernels can leave the GP
 This script times, with random bf16 weights and caches of random keys (bench_generate's
 steps):
 
-  draft   a draft phase (TinyLlama-1.1B shape, gamma tokens at --context);
+  draft   a draft phase (TinyLlama-1.1B shape, gamma tokens at --context), without and
+          with the attention summaries of every draft layer (SpecAttn's draft);
   decode  an autoregressive step (Llama-2-7B shape at each --decode-contexts), fed its own
           greedy token;
 
@@ -46,8 +47,14 @@ from specattn_jax.attention import attend
 from specattn_jax.model import MATMUL_MODES, Llama
 
 
-def _draft_phase(graphdef, gamma, params, tokens, lengths, key, cache):
-    return _draft_step(graphdef, params, tokens, cache, lengths, key, gamma, ())[0]
+def _draft_phase(graphdef, gamma, summary_layers, params, tokens, lengths, key, state):
+    """A draft phase. The state is the cache, or with `summary_layers` (the cache, the last
+    phase's summaries [gamma, L, B, S]): carried, the summaries are live in a loop."""
+    cache = state[0] if summary_layers else state
+    cache, summaries = _draft_step(
+        graphdef, params, tokens, cache, lengths, key, gamma, summary_layers
+    )
+    return (cache, summaries) if summary_layers else cache
 
 
 def _decode(graphdef, params, lengths, state):
@@ -113,12 +120,19 @@ def main(argv=None) -> int:
     tokens = jax.random.randint(key, (1, args.gamma + 1), 0, draft_config.vocab_size)
     lengths = jnp.full((1,), args.context, jnp.int32)
     cache = _random_cache(draft_config, 1, size, args.context, key)
-    phase = functools.partial(_draft_phase, d_graph, args.gamma)
     phase_args = (d_params, tokens, lengths, key)
-    call, cache = call_ms(phase, phase_args, cache, args.calls)
-    loop, cache = loop_ms(phase, phase_args, cache, args.loop)
-    record(step="draft", context=args.context, call_ms=call, loop_ms=loop)
-    del cache
+    every_layer = tuple(range(draft_config.num_hidden_layers))
+    for step, layers in (("draft", ()), ("draft_summaries", every_layer)):
+        phase = functools.partial(_draft_phase, d_graph, args.gamma, layers)
+        state = cache
+        if layers:
+            _, summaries = jax.eval_shape(phase, *phase_args, (cache, None))
+            state = (cache, jnp.zeros(summaries.shape, summaries.dtype))
+        call, state = call_ms(phase, phase_args, state, args.calls)
+        loop, state = loop_ms(phase, phase_args, state, args.loop)
+        cache = state[0] if layers else state
+        record(step=step, context=args.context, call_ms=call, loop_ms=loop)
+    del cache, state
 
     verifier_config = shape(LLAMA2_7B)
     v_graph, v_params = nnx.split(
