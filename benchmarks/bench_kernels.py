@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from pallas_kernels import verify_attention_mgpu as mgpu
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
 
@@ -334,6 +335,8 @@ class Bench:
             except Exception as e:  # noqa: BLE001
                 self.fail(f"{impl} {name}", e)
 
+        self.mosaic_dense(shape, q, sets_for(dense_bytes), lengths, dense_bytes)
+
         for granularity in granularities:
             for kept in kept_list:
                 if kept >= 1.0 or self.over_budget():
@@ -433,6 +436,24 @@ class Bench:
             import torch
 
             torch.cuda.empty_cache()
+
+    def mosaic_dense(self, shape: Shape, q, kv_sets, lengths, dense_bytes):
+        """The dense read through the Mosaic GPU kernel (TMA and wgmma), on Hopper (or in
+        interpret mode with --smoke), where it takes the shape."""
+        device = jax.devices()[0]
+        hopper = str(getattr(device, "compute_capability", "")).startswith("9")
+        takes = mgpu.supports(q.shape, kv_sets[0][0].shape, q.dtype)
+        if not (takes and (hopper or self.interpret)) or self.over_budget():
+            return
+        run = functools.partial(mgpu.verify_attention_mgpu, interpret=self.interpret)
+        try:
+            t = self.time_jax(run, [(q, k, v, lengths) for k, v in kv_sets], dense_bytes)
+            self.record(
+                section="attention", shape=shape.name(), impl="dense_kernel_mosaic", kept=1.0,
+                bytes=dense_bytes, sets=len(kv_sets), **t,
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001
+            self.fail(f"dense_kernel_mosaic {shape.name()}", e)
 
     def torch_sdpa(self, shape: Shape, q, kv_sets, dense_bytes):
         name = shape.name()
@@ -679,6 +700,11 @@ class Bench:
                 f"{min(peers) / d['median_s']:.2f}x best peer"
             )
             for r in recs:
+                if r["impl"] == "dense_kernel_mosaic":
+                    line += (
+                        f"; mosaic {r.get('frac_copy', 0):.2f} of copy, "
+                        f"{min(peers) / r['median_s']:.2f}x best peer"
+                    )
                 if r["impl"] == "sparse_kernel":
                     line += (
                         f"; kept {r['kept']} g{r['granularity']}: "
@@ -690,7 +716,13 @@ class Bench:
 
 
 # The rows of this project's kernels (the rest of a shape's rows are peers).
-OUR_KERNELS = ("dense_kernel", "dense_kernel_lookup", "dense_kernel_in_order", "sparse_kernel")
+OUR_KERNELS = (
+    "dense_kernel",
+    "dense_kernel_lookup",
+    "dense_kernel_in_order",
+    "dense_kernel_mosaic",
+    "sparse_kernel",
+)
 
 
 def _default_splits(shape: Shape, block_k: int, max_rows: int) -> int:

@@ -261,6 +261,49 @@ def combine_splits_kernel(
         lse_ref[0][...] = jnp.full((1,), jnp.max(m) + jnp.log2(denominator), jnp.float32)
 
 
+def combine_splits(
+    o: jax.Array,  # [H_kv, splits, M_pad, D] f32 unnormalised outputs of the splits
+    l: jax.Array,  # [H_kv, splits, M_pad] f32 softmax denominators
+    m: jax.Array,  # [H_kv, splits, M_pad] f32 running maxima (log2 units)
+    out_shape: tuple[int, int],  # (T * H, D): the flat output, in q's layout
+    dtype,
+    *,
+    q_heads_per_kv_head: int,
+    return_lse: bool,
+    interpret: bool,
+    debug: bool,
+) -> list[jax.Array]:
+    """`combine_splits_kernel` over (KV head, stacked row) programs: [the output [T * H, D]
+    in `dtype`, and if `return_lse` each real row's log-sum-exp f32[H_kv, T * G]]."""
+    num_kv_heads, num_splits, _, head_dim = o.shape
+    num_heads = num_kv_heads * q_heads_per_kv_head
+    rows = out_shape[0] // num_heads * q_heads_per_kv_head  # T * G
+    out_specs = [pl.BlockSpec(out_shape, lambda h, r: (0, 0))]
+    out_shapes = [jax.ShapeDtypeStruct(out_shape, dtype)]
+    if return_lse:
+        out_specs.append(pl.BlockSpec((None, 1), lambda h, r: (h, r)))
+        out_shapes.append(jax.ShapeDtypeStruct((num_kv_heads, rows), jnp.float32))
+    return pl.pallas_call(
+        functools.partial(
+            combine_splits_kernel,
+            q_heads_per_kv_head=q_heads_per_kv_head,
+            num_heads=num_heads,
+        ),
+        grid=(num_kv_heads, rows),
+        in_specs=[
+            pl.BlockSpec((None, num_splits, None, head_dim), lambda h, r: (h, 0, r, 0)),  # o
+            pl.BlockSpec((None, num_splits, None), lambda h, r: (h, 0, r)),  # l
+            pl.BlockSpec((None, num_splits, None), lambda h, r: (h, 0, r)),  # m
+        ],
+        out_specs=out_specs,
+        out_shape=out_shapes,
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        debug=debug,
+        name=f"sparse_verify_attention_combine_{num_splits=}",
+    )(o, l, m)
+
+
 def _sparse_verify_attention_unbatched(
     q,  # [T, H, D]
     k_cache,  # [S, H_kv, D]
@@ -336,30 +379,10 @@ def _sparse_verify_attention_unbatched(
         name=f"sparse_verify_attention_{granularity=}_{block_k=}_{num_splits=}_{contiguous=}",
     )(flat_q, k_cache, v_cache, block_indices, block_count, context_length)
 
-    out_specs = [pl.BlockSpec(flat_q.shape, lambda h, r: (0, 0))]
-    out_shape = [jax.ShapeDtypeStruct(flat_q.shape, q.dtype)]
-    if return_summary:  # each row's log-sum-exp
-        out_specs.append(pl.BlockSpec((None, 1), lambda h, r: (h, r)))
-        out_shape.append(jax.ShapeDtypeStruct((num_kv_heads, rows), jnp.float32))
-    out, *lse = pl.pallas_call(
-        functools.partial(
-            combine_splits_kernel,
-            q_heads_per_kv_head=q_heads_per_kv_head,
-            num_heads=num_heads,
-        ),
-        grid=(num_kv_heads, rows),
-        in_specs=[
-            pl.BlockSpec((None, num_splits, None, head_dim), lambda h, r: (h, 0, r, 0)),  # o
-            pl.BlockSpec((None, num_splits, None), lambda h, r: (h, 0, r)),  # l
-            pl.BlockSpec((None, num_splits, None), lambda h, r: (h, 0, r)),  # m
-        ],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-        interpret=interpret,
-        debug=debug,
-        name=f"sparse_verify_attention_combine_{num_splits=}",
-    )(o, l, m)
+    out, *lse = combine_splits(
+        o, l, m, flat_q.shape, q.dtype, q_heads_per_kv_head=q_heads_per_kv_head,
+        return_lse=return_summary, interpret=interpret, debug=debug,
+    )  # fmt: skip
     results = [out.reshape(q.shape)]
     if return_reads:
         results.append(extra[0][:, :, 0].sum(axis=1))  # i32[H_kv] rows loaded over the splits
