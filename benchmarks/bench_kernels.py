@@ -440,10 +440,8 @@ class Bench:
     def mosaic_dense(self, shape: Shape, q, kv_sets, lengths, dense_bytes):
         """The dense read through the Mosaic GPU kernel (TMA and wgmma), on Hopper (or in
         interpret mode with --smoke), where it takes the shape."""
-        device = jax.devices()[0]
-        hopper = str(getattr(device, "compute_capability", "")).startswith("9")
         takes = mgpu.supports(q.shape, kv_sets[0][0].shape, q.dtype)
-        if not (takes and (hopper or self.interpret)) or self.over_budget():
+        if not (takes and (mgpu.on_hopper() or self.interpret)) or self.over_budget():
             return
         run = functools.partial(mgpu.verify_attention_mgpu, interpret=self.interpret)
         try:

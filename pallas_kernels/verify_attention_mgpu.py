@@ -68,6 +68,13 @@ class BlockSizes:
             raise ValueError(f"num_stages={self.num_stages} must be at least 2.")
 
 
+def on_hopper() -> bool:
+    """Whether the default device is a Hopper GPU (sm90), which this kernel is built for."""
+    device = jax.devices()[0]
+    capability = str(getattr(device, "compute_capability", ""))
+    return device.platform == "gpu" and capability.startswith("9")
+
+
 def supports(
     q_shape: tuple[int, ...], cache_shape: tuple[int, ...], dtype, block_k: int = 64
 ) -> bool:
@@ -149,6 +156,7 @@ def _split_kernel(
     plgpu.barrier_wait(q_barrier)
 
     query_token = lax.div(iota(0), q_heads_per_kv_head)  # t of row m, [ROWS, block_k]
+    lanes = iota(1)  # row of the box, [ROWS, block_k]
 
     def body(i, carry):
         acc, m_prev, l_prev = carry
@@ -168,7 +176,7 @@ def _split_kernel(
 
             s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_k), jnp.float32))
         nominal = start + i * block_k
-        positions = step_offset(i) + iota(1)
+        positions = step_offset(i) + lanes
         visible = (positions >= nominal) & (positions < end) & (positions <= length + query_token)
         s = jnp.where(visible, s * scale, mask_value)
         m_next = jnp.maximum(m_prev, s.max(axis=1))

@@ -59,6 +59,23 @@ def make_qkv(key, batch, num_queries, num_heads, num_kv_heads, head_dim, seq_len
     return q.astype(dtype), k.astype(dtype), v.astype(dtype)
 
 
+def causal_attention(q, k, v, lengths):
+    """Query t of row b over positions s <= lengths[b] + t, by XLA in float32: dense verify
+    attention built another way."""
+    num_queries, num_heads = q.shape[1:3]
+    group = num_heads // k.shape[2]
+    positions = jnp.arange(k.shape[1])
+    query_positions = lengths[:, None] + jnp.arange(num_queries)[None, :]
+    mask = positions[None, None, :] <= query_positions[:, :, None]  # [B, T, S]
+    return jax.nn.dot_product_attention(
+        q.astype(jnp.float32),
+        jnp.repeat(k, group, axis=2).astype(jnp.float32),
+        jnp.repeat(v, group, axis=2).astype(jnp.float32),
+        mask=mask[:, None],
+        implementation="xla",
+    )
+
+
 def make_selection(key, context_lengths, counts_wanted, seq_len, granularity, junk_tail=True):
     """Shuffled distinct block ids inside each row's context, then junk after the count.
 
@@ -185,18 +202,9 @@ class SparseVerifyAttentionCases(KernelTestBase):
             q, k, v, lengths, granularity=granularity, interpret=self.INTERPRET
         )
         assert bool(jnp.isfinite(out).all())
-        # Dense causal attention over positions s <= length + t.
-        positions = jnp.arange(seq_len)
-        query_positions = lengths[:, None] + jnp.arange(num_queries)[None, :]
-        mask = positions[None, None, :] <= query_positions[:, :, None]  # [B, T, S]
-        expected = jax.nn.dot_product_attention(
-            q,
-            jnp.repeat(k, num_heads // num_kv_heads, axis=2),
-            jnp.repeat(v, num_heads // num_kv_heads, axis=2),
-            mask=mask[:, None],
-            implementation="xla",
+        np.testing.assert_allclose(
+            out, causal_attention(q, k, v, lengths), **tolerance(jnp.float32)
         )
-        np.testing.assert_allclose(out, expected, **tolerance(jnp.float32))
 
     @pytest.mark.parametrize("granularity", [16, 64])
     def test_dense_read_in_order_stops_at_the_context(self, granularity):

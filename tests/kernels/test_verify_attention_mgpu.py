@@ -14,7 +14,7 @@ import pytest
 import pallas_kernels as pk
 from pallas_kernels import verify_attention_mgpu as mgpu
 from tests.kernels.base import KernelTestBase
-from tests.kernels.test_sparse_verify_attention import make_qkv
+from tests.kernels.test_sparse_verify_attention import causal_attention, make_qkv
 from tests.tolerances import tolerance
 
 
@@ -40,22 +40,6 @@ CASES = [
 ]
 
 
-def causal_attention(q, k, v, lengths):
-    """Query t of row b over positions s <= lengths[b] + t, by XLA in float32."""
-    num_queries, num_heads = q.shape[1:3]
-    group = num_heads // k.shape[2]
-    positions = jnp.arange(k.shape[1])
-    query_positions = lengths[:, None] + jnp.arange(num_queries)[None, :]
-    mask = positions[None, None, :] <= query_positions[:, :, None]  # [B, T, S]
-    return jax.nn.dot_product_attention(
-        q.astype(jnp.float32),
-        jnp.repeat(k, group, axis=2).astype(jnp.float32),
-        jnp.repeat(v, group, axis=2).astype(jnp.float32),
-        mask=mask[:, None],
-        implementation="xla",
-    )
-
-
 def _interpret_mode_available() -> bool:
     try:
         mgpu._interpret_params()
@@ -66,8 +50,8 @@ def _interpret_mode_available() -> bool:
 
 def _hopper_skip_reason() -> str | None:
     device = jax.devices()[0]
-    capability = getattr(device, "compute_capability", None)
-    if device.platform == "gpu" and capability is not None and not capability.startswith("9"):
+    if device.platform == "gpu" and not mgpu.on_hopper():
+        capability = getattr(device, "compute_capability", "?")
         return f"the Mosaic GPU kernel is built for Hopper (sm90); this GPU is sm{capability}"
     return None
 
